@@ -1,0 +1,181 @@
+//! The denoiser graph: `chardiff_train::model::forward` traced through `OnnxOps`, which writes
+//! one ONNX node (or two) per operation, with the trained weights as initializers.
+
+use crate::graph::{attr_float, attr_int, attr_ints, attr_string, Dim, GraphBuilder};
+use chardiff_runtime::denoiser::io;
+use chardiff_runtime::Head;
+use chardiff_train::model::{self, Init, Ops, LN_EPS};
+use chardiff_train::TrainedModel;
+use std::collections::BTreeMap;
+use tract_onnx::pb::ModelProto;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the checkpoint lacks the parameter `{0}` the model needs")]
+    MissingParam(String),
+    #[error("parameter `{name}` has shape {found:?}, the model needs {expected:?}")]
+    Shape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("cannot read the weights: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Writes each operation of the architecture as ONNX nodes; tensors are value names.
+struct OnnxOps<'a> {
+    g: GraphBuilder,
+    weights: &'a BTreeMap<String, candle_core::Tensor>,
+}
+
+impl OnnxOps<'_> {
+    fn scalar(&mut self, name: &str, v: f32) -> String {
+        self.g.initializer_f32(name, &[], &[v])
+    }
+}
+
+impl Ops for OnnxOps<'_> {
+    type T = String;
+    type E = ExportError;
+
+    fn param(&mut self, name: &str, shape: &[usize], _: Init) -> Result<String, ExportError> {
+        let t = self
+            .weights
+            .get(name)
+            .ok_or_else(|| ExportError::MissingParam(name.into()))?;
+        if t.dims() != shape {
+            return Err(ExportError::Shape {
+                name: name.into(),
+                found: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let data = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(self.g.initializer_f32(name, shape, &data))
+    }
+
+    fn constant(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: Vec<f32>,
+    ) -> Result<String, ExportError> {
+        Ok(self.g.initializer_f32(name, shape, &data))
+    }
+
+    fn matmul(&mut self, a: &String, b: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("MatMul", &[a, b], vec![]))
+    }
+
+    fn add(&mut self, a: &String, b: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("Add", &[a, b], vec![]))
+    }
+
+    fn mul(&mut self, a: &String, b: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("Mul", &[a, b], vec![]))
+    }
+
+    fn scale(&mut self, a: &String, s: f32) -> Result<String, ExportError> {
+        let s = self.scalar(&format!("{a}.scale"), s);
+        Ok(self.g.node("Mul", &[a, &s], vec![]))
+    }
+
+    fn layer_norm(&mut self, x: &String, w: &String, b: &String) -> Result<String, ExportError> {
+        let attrs = vec![attr_int("axis", -1), attr_float("epsilon", LN_EPS)];
+        Ok(self.g.node("LayerNormalization", &[x, w, b], attrs))
+    }
+
+    fn softmax(&mut self, x: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("Softmax", &[x], vec![attr_int("axis", -1)]))
+    }
+
+    fn gelu_tanh(&mut self, x: &String) -> Result<String, ExportError> {
+        Ok(self
+            .g
+            .node("Gelu", &[x], vec![attr_string("approximate", "tanh")]))
+    }
+
+    fn silu(&mut self, x: &String) -> Result<String, ExportError> {
+        let s = self.g.node("Sigmoid", &[x], vec![]);
+        Ok(self.g.node("Mul", &[x, &s], vec![]))
+    }
+
+    fn sin(&mut self, x: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("Sin", &[x], vec![]))
+    }
+
+    fn cos(&mut self, x: &String) -> Result<String, ExportError> {
+        Ok(self.g.node("Cos", &[x], vec![]))
+    }
+
+    fn concat(&mut self, xs: &[String]) -> Result<String, ExportError> {
+        let inputs: Vec<&str> = xs.iter().map(String::as_str).collect();
+        Ok(self.g.node("Concat", &inputs, vec![attr_int("axis", -1)]))
+    }
+
+    fn split(&mut self, x: &String, sizes: &[usize]) -> Result<Vec<String>, ExportError> {
+        let sizes: Vec<i64> = sizes.iter().map(|&s| s as i64).collect();
+        let split = self.g.initializer_i64(&[sizes.len()], &sizes);
+        Ok(self.g.node_n(
+            "Split",
+            &[x, &split],
+            sizes.len(),
+            vec![attr_int("axis", -1)],
+        ))
+    }
+
+    fn reshape(&mut self, x: &String, dims: &[usize]) -> Result<String, ExportError> {
+        // 0 copies the input's (symbolic) batch dimension.
+        let shape: Vec<i64> = std::iter::once(0)
+            .chain(dims.iter().map(|&d| d as i64))
+            .collect();
+        let shape = self.g.initializer_i64(&[shape.len()], &shape);
+        Ok(self.g.node("Reshape", &[x, &shape], vec![]))
+    }
+
+    fn transpose(&mut self, x: &String, perm: &[usize]) -> Result<String, ExportError> {
+        let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
+        Ok(self
+            .g
+            .node("Transpose", &[x], vec![attr_ints("perm", &perm)]))
+    }
+
+    fn unsqueeze(&mut self, x: &String, axis: usize) -> Result<String, ExportError> {
+        let axes = self.g.initializer_i64(&[1], &[axis as i64]);
+        Ok(self.g.node("Unsqueeze", &[x, &axes], vec![]))
+    }
+}
+
+/// The model as one self-describing ONNX graph (f32), its spec in `metadata_props`.
+pub fn denoiser_graph(model: &TrainedModel) -> Result<ModelProto, ExportError> {
+    let spec = &model.spec;
+    let (l, k) = (spec.window, spec.bits);
+    let mut ops = OnnxOps {
+        g: GraphBuilder::default(),
+        weights: &model.weights,
+    };
+    let bits = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(k)];
+    let inputs = model::Inputs {
+        x_t: ops.g.input(io::X_T, &bits),
+        x_self: ops.g.input(io::X_SELF, &bits),
+        t: ops.g.input(io::T, &[Dim::Batch]),
+        condition: spec.conditioning.then(|| {
+            let cond = ops.g.input(io::COND, &bits);
+            let mask = ops
+                .g
+                .input(io::COND_MASK, &[Dim::Batch, Dim::Fixed(l), Dim::Fixed(1)]);
+            (cond, mask)
+        }),
+    };
+    let outputs = model::forward(&mut ops, &model.config, spec, inputs)?;
+    ops.g.output(io::X0, &outputs.x0, &bits);
+    if let (Head::Softmax, Some(logits)) = (spec.head, &outputs.logits) {
+        let dims = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(spec.charset.len())];
+        ops.g.output(io::LOGITS, logits, &dims);
+    }
+    Ok(ops.g.finish("chardiff_denoiser", spec.to_metadata()))
+}

@@ -1,0 +1,52 @@
+//! chardiff-export: a trained checkpoint becomes one self-describing ONNX file: the denoiser
+//! graph, its weights, and the model spec in `metadata_props`.
+
+pub mod denoiser;
+pub mod graph;
+
+pub use denoiser::{denoiser_graph, ExportError};
+
+use chardiff_train::checkpoint::{write_atomic, CheckpointError};
+use chardiff_train::TrainedModel;
+use prost::Message;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What an export wrote.
+pub struct Summary {
+    pub bytes: usize,
+    pub parameters: usize,
+    pub training_steps: u64,
+}
+
+/// Exports the run in `dir` (its EMA weights when it has them) to `out`, atomically.
+pub fn export_run(dir: &Path, out: &Path) -> Result<Summary, Error> {
+    let model = TrainedModel::load(dir)?;
+    let bytes = to_onnx_bytes(&model)?;
+    write_atomic(out, &bytes).map_err(|source| Error::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    Ok(Summary {
+        bytes: bytes.len(),
+        parameters: model.weights.values().map(|t| t.elem_count()).sum(),
+        training_steps: model.spec.provenance.steps,
+    })
+}
+
+/// The model as the bytes of an ONNX file.
+pub fn to_onnx_bytes(model: &TrainedModel) -> Result<Vec<u8>, ExportError> {
+    Ok(denoiser_graph(model)?.encode_to_vec())
+}

@@ -1,0 +1,61 @@
+//! The denoiser's I/O contract, shared by the trainer's candle model, the exporter and every runtime
+//! backend, and the `Denoiser` trait the sampler is generic over.
+
+use crate::spec::ModelSpec;
+
+/// Names of the exported graph's inputs and outputs. Inputs are f32: `x_t`, `x_self` and `cond`
+/// are [B, L, K], `t` is [B], `cond_mask` is [B, L, 1]; outputs are f32: `x0` [B, L, K] and, for a
+/// softmax head, `logits` [B, L, V].
+pub mod io {
+    pub const X_T: &str = "x_t";
+    pub const X_SELF: &str = "x_self";
+    pub const T: &str = "t";
+    pub const COND: &str = "cond";
+    pub const COND_MASK: &str = "cond_mask";
+    pub const X0: &str = "x0";
+    pub const LOGITS: &str = "logits";
+
+    /// Graph inputs in order: conditional models take the last two as well.
+    pub const INPUTS: [&str; 5] = [X_T, X_SELF, T, COND, COND_MASK];
+
+    pub fn inputs(conditioning: bool) -> &'static [&'static str] {
+        if conditioning {
+            &INPUTS
+        } else {
+            &INPUTS[..3]
+        }
+    }
+}
+
+/// Known characters, for a conditional denoiser: analog bits where known, zeros elsewhere.
+#[derive(Clone, Copy, Debug)]
+pub struct Condition<'a> {
+    /// [B, L, K]
+    pub cond: &'a [f32],
+    /// [B, L, 1]: 1 where the character is known.
+    pub mask: &'a [f32],
+}
+
+/// One call of the network on a batch, flat row-major buffers.
+#[derive(Clone, Copy, Debug)]
+pub struct DenoiseInput<'a> {
+    pub batch: usize,
+    /// [B, L, K]
+    pub x_t: &'a [f32],
+    /// [B, L, K]: the previous x0 estimate (zeros without self-conditioning).
+    pub x_self: &'a [f32],
+    /// [B]
+    pub t: &'a [f32],
+    /// Present exactly when the spec says the model is conditional.
+    pub condition: Option<Condition<'a>>,
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Anything that predicts x0 from a noisy batch.
+pub trait Denoiser {
+    fn spec(&self) -> &ModelSpec;
+
+    /// Writes the x0 prediction [B, L, K] into `x0`.
+    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError>;
+}

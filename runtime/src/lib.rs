@@ -1,0 +1,17 @@
+//! chardiff-runtime: what ships to a device. The method's math (analog bits, noise schedules, the
+//! sampling loop), the model spec and graph contract, and (feature `tract`) a tract backend that
+//! runs exported ONNX denoisers.
+
+pub mod bits;
+pub mod denoiser;
+pub mod sampler;
+pub mod schedule;
+pub mod spec;
+#[cfg(feature = "tract")]
+pub mod tract;
+
+pub use bits::{AnalogBits, BitCode, Charset, BITS};
+pub use denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
+pub use sampler::{sample, ConditioningMethod, SampleError, SamplerConfig, StepRule};
+pub use schedule::Schedule;
+pub use spec::{Head, ModelSpec, Provenance, SpecError};

@@ -1,0 +1,258 @@
+//! THE denoising loop (Analog Bits, Algorithm 2 with asymmetric time intervals), generic over the
+//! network: pure noise in, the decoded last x0 prediction out.
+
+use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
+use crate::spec::ModelSpec;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepRule {
+    /// Deterministic given the initial noise.
+    Ddim,
+    /// Ancestral: fresh noise at every step.
+    Ddpm,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerConfig {
+    pub steps: usize,
+    /// Asymmetric time delta in steps: the network is told a time td/T noisier than the state.
+    pub td: f32,
+    pub rule: StepRule,
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("invalid sampler settings: {0}")]
+    Config(String),
+    #[error("the known characters do not fit: {0}")]
+    Known(String),
+    #[error("the denoiser failed: {0}")]
+    Denoiser(#[source] BoxError),
+}
+
+/// How known characters steer sampling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditioningMethod {
+    /// The model was trained with `cond`/`cond_mask` inputs.
+    Trained,
+    /// Known positions of x_t are overwritten with freshly noised known bits at every step: works
+    /// with any model, but the seams between known and generated text are weaker.
+    Replacement,
+}
+
+impl ConditioningMethod {
+    pub fn for_spec(spec: &ModelSpec) -> ConditioningMethod {
+        if spec.conditioning {
+            ConditioningMethod::Trained
+        } else {
+            ConditioningMethod::Replacement
+        }
+    }
+}
+
+/// Samples `n` windows. `known`, when given, holds n * L entries: `Some(byte)` where the text is
+/// fixed. Returns one byte string of L bytes per sequence; known bytes come back exactly.
+pub fn sample<D: Denoiser + ?Sized>(
+    net: &mut D,
+    config: &SamplerConfig,
+    n: usize,
+    known: Option<&[Option<u8>]>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<u8>>, SampleError> {
+    let spec = net.spec().clone();
+    check(config, &spec, n, known)?;
+    let (b, steps, size) = (
+        spec.bit_scale,
+        config.steps as f32,
+        n * spec.values_per_sequence(),
+    );
+    let gamma = |t: f32| spec.schedule.gamma(f64::from(t)) as f32;
+    let method = ConditioningMethod::for_spec(&spec);
+    // A conditional model always gets `cond` inputs: all-unknown when nothing is known.
+    let unconditional;
+    let known = match (known, method) {
+        (None, ConditioningMethod::Trained) => {
+            unconditional = vec![None; n * spec.window];
+            Some(&unconditional[..])
+        }
+        _ => known,
+    }
+    .map(|k| KnownBits::new(&spec, k));
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+
+    let mut x_t = gaussian(&mut rng, size);
+    let mut x_pred = vec![0.0f32; size];
+    let mut x0 = vec![0.0f32; size];
+    let no_self_cond = vec![0.0f32; if spec.self_conditioning { 0 } else { size }];
+    let mut t_batch = vec![0.0f32; n];
+    let mut t_state = 1.0f32; // the noise level x_t really has
+    for step in 0..config.steps {
+        let t_now = 1.0 - step as f32 / steps;
+        let t_next = (1.0 - (step as f32 + 1.0 + config.td) / steps).max(0.0);
+        if let (Some(k), ConditioningMethod::Replacement) = (&known, method) {
+            k.replace(&mut x_t, gamma(t_state), &mut rng);
+        }
+        t_batch.fill(t_now);
+        let input = DenoiseInput {
+            batch: n,
+            x_t: &x_t,
+            x_self: if spec.self_conditioning {
+                &x_pred
+            } else {
+                &no_self_cond
+            },
+            t: &t_batch,
+            condition: known
+                .as_ref()
+                .filter(|_| method == ConditioningMethod::Trained)
+                .map(|k| Condition {
+                    cond: &k.bits,
+                    mask: &k.mask,
+                }),
+        };
+        net.denoise(&input, &mut x0)
+            .map_err(SampleError::Denoiser)?;
+        x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
+        std::mem::swap(&mut x_pred, &mut x0);
+        let (g_now, g_next) = (gamma(t_now), gamma(t_next));
+        match config.rule {
+            StepRule::Ddim => ddim_step(&mut x_t, &x_pred, g_now, g_next),
+            StepRule::Ddpm => ddpm_step(&mut x_t, &x_pred, g_now, g_next, &mut rng),
+        }
+        t_state = t_next;
+        progress(step + 1, config.steps);
+    }
+
+    let mut texts: Vec<Vec<u8>> = x_pred
+        .chunks_exact(spec.values_per_sequence())
+        .map(|x| spec.decode(x))
+        .collect();
+    if let Some(k) = &known {
+        k.restore(&mut texts);
+    }
+    Ok(texts)
+}
+
+/// x_{t_next} from the x0 estimate and the noise it implies.
+pub fn ddim_step(x_t: &mut [f32], x_pred: &[f32], g_now: f32, g_next: f32) {
+    let (s_now, n_now) = (g_now.sqrt(), (1.0 - g_now).sqrt());
+    let (s_next, n_next) = (g_next.sqrt(), (1.0 - g_next).sqrt());
+    for (x, &x0) in x_t.iter_mut().zip(x_pred) {
+        let eps = (*x - s_now * x0) / n_now;
+        *x = s_next * x0 + n_next * eps;
+    }
+}
+
+/// One ancestral step from g_now to g_next.
+pub fn ddpm_step(x_t: &mut [f32], x_pred: &[f32], g_now: f32, g_next: f32, rng: &mut impl Rng) {
+    let alpha = g_now / g_next;
+    let sigma = (1.0 - alpha).sqrt();
+    let (s_now, n_now) = (g_now.sqrt(), (1.0 - g_now).sqrt());
+    for (x, &x0) in x_t.iter_mut().zip(x_pred) {
+        let eps = (*x - s_now * x0) / n_now;
+        let z: f32 = rng.sample(StandardNormal);
+        *x = (*x - (1.0 - alpha) / n_now * eps) / alpha.sqrt() + sigma * z;
+    }
+}
+
+pub fn gaussian(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.sample(StandardNormal)).collect()
+}
+
+fn check(
+    config: &SamplerConfig,
+    spec: &ModelSpec,
+    n: usize,
+    known: Option<&[Option<u8>]>,
+) -> Result<(), SampleError> {
+    if config.steps == 0 {
+        return Err(SampleError::Config("steps must be at least 1".into()));
+    }
+    if !(config.td.is_finite() && config.td >= 0.0) {
+        return Err(SampleError::Config(format!(
+            "td must be >= 0, got {}",
+            config.td
+        )));
+    }
+    if n == 0 {
+        return Err(SampleError::Config(
+            "the number of samples must be at least 1".into(),
+        ));
+    }
+    if let Some(k) = known {
+        if k.len() != n * spec.window {
+            return Err(SampleError::Known(format!(
+                "{} known-character slots given for {n} windows of {} characters",
+                k.len(),
+                spec.window
+            )));
+        }
+        if let Some(byte) = k.iter().flatten().find(|&&b| !spec.charset.contains(b)) {
+            return Err(SampleError::Known(format!(
+                "byte {byte:#04x} ({:?}) is not in the model's charset",
+                char::from(*byte)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Known characters as analog bits and a mask, the form the network and the sampler use.
+struct KnownBits {
+    known: Vec<Option<u8>>,
+    /// [n, L, K]: analog bits where known, 0 elsewhere.
+    bits: Vec<f32>,
+    /// [n, L, 1]
+    mask: Vec<f32>,
+}
+
+impl KnownBits {
+    fn new(spec: &ModelSpec, known: &[Option<u8>]) -> KnownBits {
+        let (analog, k) = (spec.analog_bits(), spec.bits);
+        let mut bits = vec![0.0; known.len() * k];
+        for (byte, chunk) in known.iter().zip(bits.chunks_exact_mut(k)) {
+            if let Some(byte) = byte {
+                analog.encode_byte(*byte, chunk);
+            }
+        }
+        let mask = known
+            .iter()
+            .map(|b| if b.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        KnownBits {
+            known: known.to_vec(),
+            bits,
+            mask,
+        }
+    }
+
+    /// Replacement conditioning: known positions of x_t become sqrt(g) x0 + sqrt(1 - g) z.
+    fn replace(&self, x_t: &mut [f32], g: f32, rng: &mut impl Rng) {
+        let k = self.bits.len() / self.known.len();
+        for (i, known) in self.known.iter().enumerate() {
+            if known.is_some() {
+                for j in i * k..(i + 1) * k {
+                    let z: f32 = rng.sample(StandardNormal);
+                    x_t[j] = g.sqrt() * self.bits[j] + (1.0 - g).sqrt() * z;
+                }
+            }
+        }
+    }
+
+    fn restore(&self, texts: &mut [Vec<u8>]) {
+        let window = self.known.len() / texts.len();
+        for (text, known) in texts.iter_mut().zip(self.known.chunks_exact(window)) {
+            for (byte, k) in text.iter_mut().zip(known) {
+                if let Some(k) = k {
+                    *byte = *k;
+                }
+            }
+        }
+    }
+}

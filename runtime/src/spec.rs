@@ -1,0 +1,195 @@
+//! `ModelSpec`: everything a sampler needs to know about a denoiser besides its weights. It travels
+//! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
+
+use crate::bits::{AnalogBits, BitCode, Charset, BITS};
+use crate::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever the graph contract or the meaning of a spec field changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Prefix of every metadata key this project writes into an ONNX file.
+pub const METADATA_PREFIX: &str = "chardiff.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Head {
+    /// The network regresses the analog bits directly.
+    Bits,
+    /// The network outputs logits over the charset; x0 = softmax(logits) @ codes.
+    Softmax,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub corpus: String,
+    pub corpus_sha256: String,
+    pub steps: u64,
+    pub date: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub format_version: u32,
+    /// L: characters per window.
+    pub window: usize,
+    /// K: analog bits per character.
+    pub bits: usize,
+    pub bit_scale: f32,
+    pub code: BitCode,
+    pub charset: Charset,
+    pub schedule: Schedule,
+    pub self_conditioning: bool,
+    /// Whether the graph takes `cond` and `cond_mask` (trained conditional generation).
+    pub conditioning: bool,
+    pub head: Head,
+    pub recommended_steps: usize,
+    /// Asymmetric time delta, in sampling steps.
+    pub recommended_td: f32,
+    pub provenance: Provenance,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("the model carries no chardiff metadata (no `{METADATA_PREFIX}format_version` key): it was not exported by `chardiff export`")]
+    Missing,
+    #[error("model format version {found} is not supported by this build (it reads version {FORMAT_VERSION}): re-export the checkpoint with this version of chardiff")]
+    Version { found: u32 },
+    #[error("the model's chardiff metadata is invalid: {0}")]
+    Invalid(String),
+}
+
+impl ModelSpec {
+    pub fn analog_bits(&self) -> AnalogBits {
+        AnalogBits {
+            code: self.code,
+            scale: self.bit_scale,
+        }
+    }
+
+    /// Bytes of one window's worth of analog bits, as a flat [L, K] length.
+    pub fn values_per_sequence(&self) -> usize {
+        self.window * self.bits
+    }
+
+    /// Decodes the final x0 prediction: a softmax head only ever means bytes of its charset.
+    pub fn decode(&self, x0: &[f32]) -> Vec<u8> {
+        match self.head {
+            Head::Bits => self.analog_bits().decode(x0),
+            Head::Softmax => self.analog_bits().decode_nearest(x0, &self.charset),
+        }
+    }
+
+    /// Checks the invariants a sampler relies on.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(SpecError::Version {
+                found: self.format_version,
+            });
+        }
+        let invalid = |m: &str| Err(SpecError::Invalid(m.into()));
+        if self.bits != BITS {
+            return invalid(&format!(
+                "bits is {}, this build handles {BITS} bits per byte",
+                self.bits
+            ));
+        }
+        if self.window == 0 {
+            return invalid("window is 0");
+        }
+        if !(self.bit_scale.is_finite() && self.bit_scale > 0.0) {
+            return invalid("bit_scale must be a positive number");
+        }
+        if self.recommended_steps == 0 || !(self.recommended_td >= 0.0) {
+            return invalid("recommended steps must be > 0 and td >= 0");
+        }
+        Ok(())
+    }
+
+    /// The spec as ONNX metadata_props: one `chardiff.<field>` key per field, its value in JSON.
+    pub fn to_metadata(&self) -> Vec<(String, String)> {
+        let value = serde_json::to_value(self).expect("a spec always serializes");
+        let serde_json::Value::Object(fields) = value else {
+            unreachable!("a spec is a struct")
+        };
+        fields
+            .into_iter()
+            .map(|(k, v)| (format!("{METADATA_PREFIX}{k}"), v.to_string()))
+            .collect()
+    }
+
+    /// Reads the spec back from metadata_props; keys without the prefix are ignored.
+    pub fn from_metadata<'a>(
+        props: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<ModelSpec, SpecError> {
+        let mut fields = serde_json::Map::new();
+        for (key, value) in props {
+            if let Some(field) = key.strip_prefix(METADATA_PREFIX) {
+                let value = serde_json::from_str(value)
+                    .map_err(|e| SpecError::Invalid(format!("key {key}: {e}")))?;
+                fields.insert(field.to_string(), value);
+            }
+        }
+        let version = fields.get("format_version").ok_or(SpecError::Missing)?;
+        let found = version
+            .as_u64()
+            .ok_or_else(|| SpecError::Invalid("format_version".into()))?;
+        if found != u64::from(FORMAT_VERSION) {
+            return Err(SpecError::Version {
+                found: found as u32,
+            });
+        }
+        let spec: ModelSpec = serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| SpecError::Invalid(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn example_spec() -> ModelSpec {
+        ModelSpec {
+            format_version: FORMAT_VERSION,
+            window: 16,
+            bits: BITS,
+            bit_scale: 1.0,
+            code: BitCode::Gray,
+            charset: Charset::of(b"hello world"),
+            schedule: Schedule::Cosine,
+            self_conditioning: true,
+            conditioning: false,
+            head: Head::Softmax,
+            recommended_steps: 100,
+            recommended_td: 1.0,
+            provenance: Provenance {
+                corpus: "test.txt".into(),
+                corpus_sha256: "00".into(),
+                steps: 5,
+                date: "2026-11-28".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips() {
+        let spec = example_spec();
+        let meta = spec.to_metadata();
+        assert!(meta.iter().all(|(k, _)| k.starts_with(METADATA_PREFIX)));
+        let back =
+            ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn foreign_or_future_metadata_is_refused() {
+        let none = ModelSpec::from_metadata([("producer", "someone")]);
+        assert!(matches!(none, Err(SpecError::Missing)));
+        let future = ModelSpec::from_metadata([("chardiff.format_version", "99")]);
+        assert!(matches!(future, Err(SpecError::Version { found: 99 })));
+        let partial = ModelSpec::from_metadata([("chardiff.format_version", "1")]);
+        assert!(matches!(partial, Err(SpecError::Invalid(_))));
+    }
+}

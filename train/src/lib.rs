@@ -1,0 +1,14 @@
+//! chardiff-train: trains Transformer denoisers for character-level bit diffusion with candle.
+//! The method's math (bits, schedules, the sampling loop) comes from chardiff-runtime, so
+//! training-time samples use the very loop that runs on a device.
+
+pub mod candle;
+pub mod checkpoint;
+pub mod corpus;
+pub mod model;
+pub mod optim;
+pub mod trainer;
+
+pub use checkpoint::TrainedModel;
+pub use model::{Activation, ModelConfig};
+pub use trainer::{Event, Loss, SelfCondUnit, TrainConfig, TrainError, Trainer};

@@ -1,0 +1,731 @@
+//! Training: x0-prediction loss with self-conditioning (and span conditioning for conditional
+//! models), AdamW with warm-up and cosine decay, EMA, validation, samples and checkpoints.
+
+use crate::candle::{CandleDenoiser, CandleOps, Frozen, ParamSource, Params};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, ADAM_M, ADAM_V, EMA, PARAMS};
+use crate::corpus::{random_windows, Corpus, CorpusError, Preprocess};
+use crate::model::{self, ModelConfig};
+use crate::optim::{AdamW, AdamWConfig, Ema};
+use candle_core::{DType, Device, Tensor, D};
+use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
+use chardiff_runtime::{BitCode, Head, ModelSpec, Schedule, BITS};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// Mean squared error of the x0 prediction (the paper's "simple" loss).
+    Mse,
+    /// Cross-entropy of the softmax head's logits against the true character.
+    Xent,
+}
+
+/// Which unit the self-conditioning coin is thrown for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelfCondUnit {
+    Batch,
+    Example,
+}
+
+/// Everything that decides a run; saved as `train.json` so a resumed run continues the same one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub corpus: PathBuf,
+    pub preprocess: Preprocess,
+    pub window: usize,
+    pub code: BitCode,
+    pub bit_scale: f32,
+    pub schedule: Schedule,
+    pub head: Head,
+    pub loss: Loss,
+    pub self_conditioning: bool,
+    /// Probability that the self-conditioning pass is used.
+    pub self_cond_rate: f64,
+    pub self_cond_unit: SelfCondUnit,
+    /// Train with `cond`/`cond_mask` inputs on random prefixes, suffixes and spans.
+    pub conditioning: bool,
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    /// Final learning rate as a fraction of `lr` at the end of the cosine decay.
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub clip_norm: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub val_batches: usize,
+    /// Samples drawn (with the EMA weights) at every evaluation.
+    pub eval_samples: usize,
+    pub sample_steps: usize,
+    pub sample_td: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> TrainConfig {
+        TrainConfig {
+            corpus: PathBuf::new(),
+            preprocess: Preprocess::None,
+            window: 96,
+            code: BitCode::Binary,
+            bit_scale: 1.0,
+            schedule: Schedule::Cosine,
+            head: Head::Softmax,
+            loss: Loss::Mse,
+            self_conditioning: true,
+            self_cond_rate: 0.5,
+            self_cond_unit: SelfCondUnit::Batch,
+            conditioning: true,
+            steps: 1000,
+            batch: 64,
+            lr: 1e-3,
+            warmup: 100,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            ema_decay: 0.999,
+            seed: 0,
+            eval_every: 100,
+            checkpoint_every: 100,
+            val_batches: 4,
+            eval_samples: 2,
+            sample_steps: 100,
+            sample_td: 1.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self, model: &ModelConfig) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        model.validate().map_err(TrainError::Config)?;
+        if self.window == 0 || self.batch == 0 || self.steps == 0 {
+            return bad("window, batch and steps must be at least 1".into());
+        }
+        if self.loss == Loss::Xent && self.head != Head::Softmax {
+            return bad("the cross-entropy loss needs the softmax head (--head softmax)".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.bit_scale > 0.0) {
+            return bad("lr and bit scale must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.self_cond_rate) || !(0.0..1.0).contains(&self.ema_decay) {
+            return bad("self-conditioning rate must be in [0, 1] and EMA decay in [0, 1)".into());
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 || self.val_batches == 0 {
+            return bad(
+                "eval and checkpoint intervals and validation batches must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn learning_rate(&self, step: u64) -> f64 {
+        let warm = ((step + 1) as f64 / self.warmup.max(1) as f64).min(1.0);
+        let progress = step as f64 / self.steps.max(1) as f64;
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
+        self.lr * warm * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid training settings: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Corpus(#[from] CorpusError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0} already holds a training run: resume it with --resume, or choose another --out")]
+    Exists(PathBuf),
+    #[error("training diverged at step {step}: {what}. The last good checkpoint is kept; lower --lr or raise --warmup and resume")]
+    Diverged { step: u64, what: String },
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// What the trainer reports while it runs.
+pub enum Event<'a> {
+    Started {
+        step: u64,
+        params: usize,
+        charset: usize,
+    },
+    Step {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_s: f64,
+    },
+    Eval(&'a EvalRecord),
+    Checkpoint {
+        step: u64,
+    },
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub seconds: f64,
+    pub tokens: u64,
+    pub samples: Vec<String>,
+}
+
+/// One training or validation batch, all as tensors of the working dtype.
+struct Batch {
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    /// `cond`, `cond_mask` for conditional models.
+    condition: Option<(Tensor, Tensor)>,
+    /// [B, L, 1]: 1 where the loss counts (the unknown characters).
+    weight: Tensor,
+    /// [B, L, 1] charset indices of the true characters (cross-entropy).
+    targets: Tensor,
+    /// [B, 1, 1]: which examples get the self-conditioning pass; None: none do.
+    self_cond: Option<Tensor>,
+}
+
+pub struct Trainer {
+    pub dir: PathBuf,
+    pub config: TrainConfig,
+    pub model: ModelConfig,
+    pub spec: ModelSpec,
+    corpus: Corpus,
+    dtype: DType,
+    params: Params,
+    optim: AdamW,
+    ema: Ema,
+    rng: ChaCha8Rng,
+    val: Vec<Batch>,
+    seconds: f64,
+}
+
+impl Trainer {
+    /// Starts a new run in `dir`.
+    pub fn create(
+        dir: &Path,
+        config: TrainConfig,
+        model: ModelConfig,
+    ) -> Result<Trainer, TrainError> {
+        Trainer::create_with_dtype(dir, config, model, DType::F32)
+    }
+
+    pub fn create_with_dtype(
+        dir: &Path,
+        config: TrainConfig,
+        model: ModelConfig,
+        dtype: DType,
+    ) -> Result<Trainer, TrainError> {
+        config.validate(&model)?;
+        if dir.join(checkpoint::CHECKPOINT_FILE).exists() {
+            return Err(TrainError::Exists(dir.to_path_buf()));
+        }
+        let corpus = Corpus::load(&config.corpus, config.preprocess, config.window)?;
+        let spec = ModelSpec {
+            format_version: FORMAT_VERSION,
+            window: config.window,
+            bits: BITS,
+            bit_scale: config.bit_scale,
+            code: config.code,
+            charset: corpus.charset.clone(),
+            schedule: config.schedule,
+            self_conditioning: config.self_conditioning,
+            conditioning: config.conditioning,
+            head: config.head,
+            recommended_steps: config.sample_steps,
+            recommended_td: config.sample_td,
+            provenance: Provenance {
+                corpus: corpus.name.clone(),
+                corpus_sha256: corpus.sha256.clone(),
+                steps: 0,
+                date: today(),
+            },
+        };
+        let params = Params::initialized(config.seed, dtype, &model, &spec)?;
+        let optim = AdamW::new(adam_config(&config), &params)?;
+        let ema = Ema::new(config.ema_decay, &params)?;
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        checkpoint::write_json(&dir.join(checkpoint::MODEL_FILE), &model)?;
+        checkpoint::write_json(&dir.join(checkpoint::TRAIN_FILE), &config)?;
+        let rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut trainer = Trainer {
+            dir: dir.to_path_buf(),
+            val: Vec::new(),
+            config,
+            model,
+            spec,
+            corpus,
+            dtype,
+            params,
+            optim,
+            ema,
+            rng,
+            seconds: 0.0,
+        };
+        trainer.val = trainer.validation_batches()?;
+        trainer.save()?;
+        Ok(trainer)
+    }
+
+    /// Continues the run saved in `dir`; `steps` may extend it.
+    pub fn resume(dir: &Path, steps: Option<u64>) -> Result<Trainer, TrainError> {
+        let mut config: TrainConfig = checkpoint::read_json(dir, checkpoint::TRAIN_FILE)?;
+        let model: ModelConfig = checkpoint::read_json(dir, checkpoint::MODEL_FILE)?;
+        let spec: ModelSpec = checkpoint::read_json(dir, checkpoint::SPEC_FILE)?;
+        if let Some(steps) = steps {
+            config.steps = steps;
+        }
+        config.validate(&model)?;
+        let corpus = Corpus::load(&config.corpus, config.preprocess, config.window)?;
+        if corpus.sha256 != spec.provenance.corpus_sha256 {
+            return Err(TrainError::Config(format!(
+                "the corpus {} has changed since the run started (sha256 differs)",
+                config.corpus.display()
+            )));
+        }
+        let saved = Checkpoint::load(dir)?;
+        let meta = |key: &str| -> Result<String, TrainError> {
+            saved.metadata.get(key).cloned().ok_or_else(|| {
+                TrainError::Config(format!("the checkpoint lacks its `{key}` entry"))
+            })
+        };
+        let number = |key: &str| -> Result<u128, TrainError> {
+            meta(key)?
+                .parse()
+                .map_err(|_| TrainError::Config(format!("bad `{key}` in checkpoint")))
+        };
+        let params = Params::from_tensors(&saved.group(PARAMS))?;
+        let dtype = params
+            .vars()
+            .values()
+            .next()
+            .map_or(DType::F32, |v| v.dtype());
+        let mut optim = AdamW::new(adam_config(&config), &params)?;
+        optim.step = number("step")? as u64;
+        optim.m = saved.group(ADAM_M);
+        optim.v = saved.group(ADAM_V);
+        let ema = Ema {
+            target: config.ema_decay,
+            weights: saved.group(EMA),
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_word_pos(number("rng_word_pos")?);
+        let seconds = meta("seconds")?.parse().unwrap_or(0.0);
+        let mut trainer = Trainer {
+            dir: dir.to_path_buf(),
+            val: Vec::new(),
+            config,
+            model,
+            spec,
+            corpus,
+            dtype,
+            params,
+            optim,
+            ema,
+            rng,
+            seconds,
+        };
+        trainer.val = trainer.validation_batches()?;
+        Ok(trainer)
+    }
+
+    pub fn step(&self) -> u64 {
+        self.optim.step
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.params.vars().values().map(|v| v.elem_count()).sum()
+    }
+
+    /// The EMA weights as a sampler's denoiser.
+    pub fn denoiser(&self) -> CandleDenoiser {
+        CandleDenoiser {
+            spec: self.spec.clone(),
+            config: self.model.clone(),
+            weights: self.ema.weights.clone(),
+        }
+    }
+
+    /// Trains until `config.steps`, checkpointing and evaluating on the way.
+    pub fn run(&mut self, mut on_event: impl FnMut(Event<'_>)) -> Result<(), TrainError> {
+        on_event(Event::Started {
+            step: self.step(),
+            params: self.parameter_count(),
+            charset: self.spec.charset.len(),
+        });
+        let tokens_per_step = (self.config.batch * self.config.window) as f64;
+        let (mut loss_sum, mut loss_count) = (0.0, 0u64);
+        while self.step() < self.config.steps {
+            let started = Instant::now();
+            let step = self.step();
+            let batch = self.training_batch()?;
+            let loss = batch_loss(
+                &self.spec,
+                &self.model,
+                self.config.loss,
+                &mut self.params,
+                &batch,
+            )?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(TrainError::Diverged {
+                    step: step + 1,
+                    what: format!("loss is {value}"),
+                });
+            }
+            let grads = loss.backward()?;
+            let lr = self.config.learning_rate(step);
+            self.optim
+                .update(&self.params, &grads, lr)
+                .map_err(|e| TrainError::Diverged {
+                    step: step + 1,
+                    what: e.to_string(),
+                })?;
+            self.ema.update(self.step(), &self.params)?;
+            let elapsed = started.elapsed().as_secs_f64();
+            self.seconds += elapsed;
+            loss_sum += value;
+            loss_count += 1;
+            let step = self.step();
+            on_event(Event::Step {
+                step,
+                loss: value,
+                lr,
+                tokens_per_s: tokens_per_step / elapsed,
+            });
+            let last = step == self.config.steps;
+            if step % self.config.eval_every == 0 || last {
+                let record = self.evaluate(loss_sum / loss_count as f64)?;
+                on_event(Event::Eval(&record));
+                (loss_sum, loss_count) = (0.0, 0);
+            }
+            if step % self.config.checkpoint_every == 0 || last {
+                self.save()?;
+                on_event(Event::Checkpoint { step });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validation loss of the EMA weights, a few samples, one line in metrics.jsonl.
+    pub fn evaluate(&mut self, train_loss: f64) -> Result<EvalRecord, TrainError> {
+        let mut total = 0.0;
+        for i in 0..self.val.len() {
+            let weights = &mut Frozen(&self.ema.weights);
+            let loss = batch_loss(
+                &self.spec,
+                &self.model,
+                self.config.loss,
+                weights,
+                &self.val[i],
+            )?;
+            total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        let samples = if self.config.eval_samples > 0 {
+            let sampler = SamplerConfig {
+                steps: self.config.sample_steps,
+                td: self.config.sample_td,
+                rule: StepRule::Ddim,
+                seed: 0,
+            };
+            let mut net = self.denoiser();
+            sample(
+                &mut net,
+                &sampler,
+                self.config.eval_samples,
+                None,
+                |_, _| {},
+            )
+            .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+        } else {
+            vec![]
+        };
+        let record = EvalRecord {
+            step: self.step(),
+            train_loss,
+            val_loss: total / self.val.len() as f64,
+            seconds: self.seconds,
+            tokens: self.step() * (self.config.batch * self.config.window) as u64,
+            samples,
+        };
+        let path = self.dir.join(checkpoint::METRICS_FILE);
+        let line = serde_json::to_string(&record).expect("records serialize");
+        let io = |source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        writeln!(file, "{line}").map_err(io)?;
+        Ok(record)
+    }
+
+    /// Saves the spec and the full training state.
+    pub fn save(&mut self) -> Result<(), TrainError> {
+        self.spec.provenance.steps = self.step();
+        let mut tensors = std::collections::BTreeMap::new();
+        for (name, var) in self.params.vars() {
+            tensors.insert(format!("{PARAMS}{name}"), var.as_tensor().clone());
+        }
+        for (prefix, group) in [
+            (EMA, &self.ema.weights),
+            (ADAM_M, &self.optim.m),
+            (ADAM_V, &self.optim.v),
+        ] {
+            for (name, t) in group {
+                tensors.insert(format!("{prefix}{name}"), t.clone());
+            }
+        }
+        let metadata = HashMap::from([
+            ("step".to_string(), self.step().to_string()),
+            (
+                "rng_word_pos".to_string(),
+                self.rng.get_word_pos().to_string(),
+            ),
+            ("seconds".to_string(), self.seconds.to_string()),
+        ]);
+        Checkpoint { tensors, metadata }.save(&self.dir)?;
+        checkpoint::write_json(&self.dir.join(checkpoint::SPEC_FILE), &self.spec)?;
+        Ok(())
+    }
+
+    fn training_batch(&mut self) -> Result<Batch, TrainError> {
+        let text = random_windows(
+            &self.corpus.train,
+            self.config.window,
+            self.config.batch,
+            &mut self.rng,
+        );
+        let self_cond = if !self.spec.self_conditioning {
+            vec![false; self.config.batch]
+        } else {
+            match self.config.self_cond_unit {
+                SelfCondUnit::Batch => {
+                    vec![self.rng.random_bool(self.config.self_cond_rate); self.config.batch]
+                }
+                SelfCondUnit::Example => (0..self.config.batch)
+                    .map(|_| self.rng.random_bool(self.config.self_cond_rate))
+                    .collect(),
+            }
+        };
+        make_batch(&self.spec, &text, &self_cond, self.dtype, &mut self.rng)
+    }
+
+    /// Fixed validation batches: same windows, times, noise and conditions at every evaluation;
+    /// self-conditioned like sampling.
+    fn validation_batches(&self) -> Result<Vec<Batch>, TrainError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0f_7a11);
+        let (window, batch) = (self.config.window, self.config.batch);
+        let self_cond = vec![self.spec.self_conditioning; batch];
+        (0..self.config.val_batches)
+            .map(|_| {
+                let text = random_windows(&self.corpus.valid, window, batch, &mut rng);
+                make_batch(&self.spec, &text, &self_cond, self.dtype, &mut rng)
+            })
+            .collect()
+    }
+}
+
+/// The training objective on one batch: optional self-conditioning pass (no gradient), then the
+/// x0 loss over the unknown characters.
+fn batch_loss(
+    spec: &ModelSpec,
+    model: &ModelConfig,
+    loss: Loss,
+    params: &mut dyn ParamSource,
+    batch: &Batch,
+) -> Result<Tensor, TrainError> {
+    let b = spec.bit_scale as f64;
+    let mut ops = CandleOps {
+        params,
+        dtype: batch.x0.dtype(),
+    };
+    let zeros = batch.x0.zeros_like()?;
+    let inputs = |x_self: Tensor| model::Inputs {
+        x_t: batch.x_t.clone(),
+        x_self,
+        t: batch.t.clone(),
+        condition: batch.condition.clone(),
+    };
+    let x_self = match &batch.self_cond {
+        Some(mask) => {
+            let first = model::forward(&mut ops, model, spec, inputs(zeros))?;
+            first.x0.detach().clamp(-b, b)?.broadcast_mul(mask)?
+        }
+        None => zeros,
+    };
+    let out = model::forward(&mut ops, model, spec, inputs(x_self))?;
+    let counted = batch.weight.sum_all()?;
+    let loss = match (loss, &out.logits) {
+        (Loss::Xent, Some(logits)) => {
+            let logp = log_softmax(logits)?;
+            let picked = logp.gather(&batch.targets, D::Minus1)?;
+            (picked.broadcast_mul(&batch.weight)?.sum_all()?.neg()? / counted)?
+        }
+        _ => {
+            let sq = (out.x0 - &batch.x0)?
+                .sqr()?
+                .broadcast_mul(&batch.weight)?
+                .sum_all()?;
+            (sq / (counted * spec.bits as f64)?)?
+        }
+    };
+    Ok(loss)
+}
+
+/// Differentiable log-softmax over the last axis from basic ops.
+fn log_softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+fn adam_config(config: &TrainConfig) -> AdamWConfig {
+    AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: config.weight_decay,
+        clip_norm: config.clip_norm,
+    }
+}
+
+/// Noises a batch of windows: t ~ U(0, 1), x_t = sqrt(g) x0 + sqrt(1 - g) eps; for conditional
+/// models also draws which characters are known.
+fn make_batch(
+    spec: &ModelSpec,
+    text: &[u8],
+    self_cond: &[bool],
+    dtype: DType,
+    rng: &mut ChaCha8Rng,
+) -> Result<Batch, TrainError> {
+    let (l, k, n) = (spec.window, spec.bits, self_cond.len());
+    let x0 = spec.analog_bits().encode(text);
+    let t: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let mut x_t = vec![0.0f32; x0.len()];
+    for (i, (x, clean)) in x_t
+        .chunks_exact_mut(l * k)
+        .zip(x0.chunks_exact(l * k))
+        .enumerate()
+    {
+        let g = spec.schedule.gamma(f64::from(t[i])) as f32;
+        for (x, c) in x.iter_mut().zip(clean) {
+            *x = g.sqrt() * c + (1.0 - g).sqrt() * rng.sample::<f32, _>(StandardNormal);
+        }
+    }
+    let known: Vec<f32> = if spec.conditioning {
+        (0..n)
+            .flat_map(|_| known_positions(l, rng))
+            .map(f32::from)
+            .collect()
+    } else {
+        vec![0.0; n * l]
+    };
+    let weight: Vec<f32> = known.iter().map(|m| 1.0 - m).collect();
+    let targets: Vec<u32> = text
+        .iter()
+        .map(|&c| spec.charset.index_of(c).map_or(0, |i| i as u32))
+        .collect();
+    let dev = &Device::Cpu;
+    let tensor = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, dev)?.to_dtype(dtype);
+    let condition = if spec.conditioning {
+        let cond: Vec<f32> = x0
+            .chunks_exact(k)
+            .zip(&known)
+            .flat_map(|(bits, &m)| bits.iter().map(move |b| b * m))
+            .collect();
+        Some((
+            tensor(cond, &[n, l, k])?,
+            tensor(known.clone(), &[n, l, 1])?,
+        ))
+    } else {
+        None
+    };
+    let self_cond = if self_cond.iter().any(|&s| s) {
+        Some(tensor(
+            self_cond.iter().map(|&s| f32::from(u8::from(s))).collect(),
+            &[n, 1, 1],
+        )?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        x0: tensor(x0, &[n, l, k])?,
+        x_t: tensor(x_t, &[n, l, k])?,
+        t: tensor(t, &[n])?,
+        condition,
+        weight: tensor(weight, &[n, l, 1])?,
+        targets: Tensor::from_vec(targets, &[n, l, 1], dev)?,
+        self_cond,
+    })
+}
+
+/// Which characters of one window are given to a conditional model: nothing, a prefix, a
+/// suffix, or 1-5 random spans (known spans, or everything but the spans). Never everything.
+pub fn known_positions(l: usize, rng: &mut impl Rng) -> Vec<u8> {
+    let mut known = vec![0u8; l];
+    if l < 2 {
+        return known;
+    }
+    match rng.random_range(0..4) {
+        0 => {}
+        1 => known[..rng.random_range(1..l)].fill(1),
+        2 => known[rng.random_range(1..l)..].fill(1),
+        _ => {
+            for _ in 0..rng.random_range(1..=5) {
+                let len = rng.random_range(1..=(l / 4).max(1));
+                let start = rng.random_range(0..=l - len);
+                known[start..start + len].fill(1);
+            }
+            if rng.random_bool(0.5) {
+                known.iter_mut().for_each(|m| *m = 1 - *m);
+            }
+            if known.iter().all(|&m| m == 1) {
+                known[rng.random_range(0..l)] = 0;
+            }
+        }
+    }
+    known
+}
+
+/// Today's date (UTC), YYYY-MM-DD, for provenance.
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
