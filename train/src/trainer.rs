@@ -160,6 +160,8 @@ pub enum Event<'a> {
         step: u64,
         params: usize,
         charset: usize,
+        /// Bytes in the train, valid and test splits.
+        split: [usize; 3],
     },
     Step {
         step: u64,
@@ -369,6 +371,11 @@ impl Trainer {
             step: self.step(),
             params: self.parameter_count(),
             charset: self.spec.charset.len(),
+            split: [
+                self.corpus.train.len(),
+                self.corpus.valid.len(),
+                self.corpus.test.len(),
+            ],
         });
         let tokens_per_step = (self.config.batch * self.config.window) as f64;
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
