@@ -2,7 +2,8 @@
 //! Thin: parse flags, call the crates, report errors with context.
 
 use anyhow::{Context, Result};
-use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::generate;
+use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
 use chardiff_runtime::tract::TractDenoiser;
 use chardiff_runtime::Denoiser;
 use clap::{Parser, Subcommand};
@@ -41,18 +42,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Sample text from an exported model (tract).
+    /// Sample text from an exported model (tract): unconditional, a prompt, an infill template,
+    /// or text longer than one window.
     Sample(SampleArgs),
+    /// Measure sample quality against a corpus: interior-word rate, character entropy, repetition.
+    Eval(eval::EvalArgs),
 }
 
+/// Which model and how to run its sampler.
 #[derive(clap::Args)]
-struct SampleArgs {
+struct SamplingFlags {
     /// The exported model [default: the shipped models/default.onnx].
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Number of samples.
-    #[arg(short = 'n', long, default_value_t = 8)]
-    n: usize,
     /// Denoising steps [default: the model's recommendation].
     #[arg(long)]
     steps: Option<usize>,
@@ -64,6 +66,45 @@ struct SampleArgs {
     sampler: StepRule,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+impl SamplingFlags {
+    fn load(&self) -> Result<(TractDenoiser, SamplerConfig)> {
+        let path = self
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+        let net = TractDenoiser::load(&path)
+            .with_context(|| format!("loading model {}", path.display()))?;
+        let spec = net.spec();
+        let config = SamplerConfig {
+            steps: self.steps.unwrap_or(spec.recommended_steps),
+            td: self.td.unwrap_or(spec.recommended_td),
+            rule: self.sampler,
+            seed: self.seed,
+        };
+        Ok((net, config))
+    }
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    #[command(flatten)]
+    sampling: SamplingFlags,
+    /// Number of samples.
+    #[arg(short = 'n', long, default_value_t = 8)]
+    n: usize,
+    /// Text the samples start with (at most the window minus one bytes).
+    #[arg(long, conflicts_with = "infill")]
+    prompt: Option<String>,
+    /// A template whose `_` characters are generated, one `_` per character, e.g.
+    /// "The ___ was cold and ___." (`\_` is a literal underscore, `\\` a backslash).
+    #[arg(long, conflicts_with = "length")]
+    infill: Option<String>,
+    /// Total characters per sample: longer than one window by sliding, each new window
+    /// conditioned on the last half of the text so far.
+    #[arg(long)]
+    length: Option<usize>,
 }
 
 /// Parses a lower-case enum value with the type's own serde names, so CLI and files agree.
@@ -79,6 +120,7 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Export { run, out } => export(run, out),
         Command::Sample(args) => run_sample(args),
+        Command::Eval(args) => eval::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -87,25 +129,158 @@ fn main() {
 }
 
 fn run_sample(args: SampleArgs) -> Result<()> {
-    let path = args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-    let mut net =
-        TractDenoiser::load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let (mut net, config) = args.sampling.load()?;
     let spec = net.spec().clone();
-    let config = SamplerConfig {
-        steps: args.steps.unwrap_or(spec.recommended_steps),
-        td: args.td.unwrap_or(spec.recommended_td),
-        rule: args.sampler,
-        seed: args.seed,
+    let conditional = args.prompt.is_some() || args.infill.is_some();
+    if conditional && ConditioningMethod::for_spec(&spec) == ConditioningMethod::Replacement {
+        eprintln!(
+            "note: this model was trained without conditioning; known characters are imposed by \
+             replacement inpainting, the weaker method (seams between known and generated text \
+             may not read well)"
+        );
+    }
+    let prompt = args.prompt.unwrap_or_default();
+    let texts = if let Some(length) = args.length {
+        let windows = 1 + length
+            .saturating_sub(spec.window)
+            .div_ceil(spec.window - spec.window / 2);
+        let bar = progress_bar((windows * config.steps) as u64, "denoising");
+        let texts = generate::generate_long(&mut net, &config, args.n, &prompt, length, |i, _| {
+            bar.set_position(i as u64)
+        })?;
+        bar.finish_and_clear();
+        texts
+    } else {
+        let (known, shown) = match &args.infill {
+            Some(template) => generate::infill_known(&spec, template)?,
+            None if prompt.is_empty() => (vec![None; spec.window], spec.window),
+            None => (generate::prompt_known(&spec, &prompt)?, spec.window),
+        };
+        let known: Vec<Option<u8>> = (0..args.n).flat_map(|_| known.iter().copied()).collect();
+        let bar = progress_bar(config.steps as u64, "denoising");
+        let texts = sample(
+            &mut net,
+            &config,
+            args.n,
+            Some(&known[..]).filter(|_| conditional),
+            |i, _| bar.set_position(i as u64),
+        )?;
+        bar.finish_and_clear();
+        texts
+            .into_iter()
+            .map(|mut t| {
+                t.truncate(shown);
+                t
+            })
+            .collect()
     };
-    let bar = progress_bar(config.steps as u64, "denoising");
-    let texts = sample(&mut net, &config, args.n, None, |i, _| {
-        bar.set_position(i as u64)
-    })?;
-    bar.finish_and_clear();
     for text in texts {
         println!("➜ {}", String::from_utf8_lossy(&text));
     }
     Ok(())
+}
+
+mod eval {
+    use super::{enum_arg, progress_bar, SamplingFlags};
+    use anyhow::{Context, Result};
+    use chardiff_runtime::corpus::{Corpus, Preprocess};
+    use chardiff_runtime::metrics::{quality, vocabulary, Quality};
+    use chardiff_runtime::sampler::sample;
+    use chardiff_runtime::Denoiser;
+    use std::path::PathBuf;
+
+    #[derive(clap::Args)]
+    pub struct EvalArgs {
+        /// The corpus whose train split is the vocabulary (and whose charset counts as known).
+        #[arg(long)]
+        corpus: PathBuf,
+        /// Cleaning of the corpus: none, or reference.
+        #[arg(long, default_value = "none", value_parser = enum_arg::<Preprocess>)]
+        preprocess: Preprocess,
+        /// Score these samples (one per line; a leading "➜ " is ignored) instead of sampling.
+        #[arg(long, conflicts_with = "model")]
+        samples: Option<PathBuf>,
+        #[command(flatten)]
+        sampling: SamplingFlags,
+        /// Samples to draw from the model.
+        #[arg(short = 'n', long, default_value_t = 256)]
+        n: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    }
+
+    pub fn run(args: EvalArgs) -> Result<()> {
+        let (samples, source) = match &args.samples {
+            Some(path) => {
+                let text = std::fs::read(path)
+                    .with_context(|| format!("reading samples {}", path.display()))?;
+                let lines: Vec<Vec<u8>> = text
+                    .split(|&b| b == b'\n')
+                    .map(|l| l.strip_prefix("➜ ".as_bytes()).unwrap_or(l).to_vec())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                (lines, format!("{}", path.display()))
+            }
+            None => {
+                let (mut net, config) = args.sampling.load()?;
+                let bar = progress_bar(config.steps as u64, "sampling");
+                let texts = sample(&mut net, &config, args.n, None, |i, _| {
+                    bar.set_position(i as u64)
+                })?;
+                bar.finish_and_clear();
+                let name = net.spec().provenance.corpus.clone();
+                (
+                    texts,
+                    format!(
+                        "model trained on {name}, {} steps, td {}",
+                        config.steps, config.td
+                    ),
+                )
+            }
+        };
+        anyhow::ensure!(!samples.is_empty(), "there are no samples to evaluate");
+        let window = samples.iter().map(Vec::len).max().unwrap_or(1);
+        let corpus = Corpus::load(&args.corpus, args.preprocess, window)
+            .with_context(|| format!("loading corpus {}", args.corpus.display()))?;
+        let vocab = vocabulary(&String::from_utf8_lossy(&corpus.train));
+        let scored = quality(&samples, &vocab, &corpus.charset);
+        // Real text of the same length for comparison: evenly spaced validation windows.
+        let valid = &corpus.valid;
+        let reference: Vec<Vec<u8>> = (0..samples.len())
+            .map(|i| i * (valid.len() - window) / samples.len())
+            .map(|start| valid[start..start + window].to_vec())
+            .collect();
+        let real = quality(&reference, &vocab, &corpus.charset);
+        if args.json {
+            let out = serde_json::json!({ "source": source, "samples": scored, "validation_windows": real });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!("{source}");
+            print_table(&[("samples", &scored), ("validation windows", &real)]);
+        }
+        Ok(())
+    }
+
+    fn print_table(rows: &[(&str, &Quality)]) {
+        println!(
+            "{:<20} {:>7} {:>10} {:>9} {:>10} {:>8} {:>9} {:>8}",
+            "", "n", "word rate", "words", "entropy", "rep-4g", "distinct2", "foreign"
+        );
+        for (name, q) in rows {
+            println!(
+                "{:<20} {:>7} {:>9.1}% {:>9} {:>10.3} {:>7.1}% {:>9.3} {:>7.2}%",
+                name,
+                q.samples,
+                100.0 * q.word_rate,
+                q.interior_words,
+                q.char_entropy,
+                100.0 * q.repeated_4gram_rate,
+                q.distinct_2,
+                100.0 * q.foreign_byte_rate
+            );
+        }
+    }
 }
 
 /// A progress bar on a terminal; hidden (indicatif's default) when stderr is not one.
@@ -278,7 +453,12 @@ mod train {
         let bar = progress_bar(trainer.config.steps, "training");
         bar.set_position(trainer.step());
         trainer.run(|event| match event {
-            Event::Started { step, params, charset, split: [train, valid, test] } => say(
+            Event::Started {
+                step,
+                params,
+                charset,
+                split: [train, valid, test],
+            } => say(
                 &bar,
                 format!(
                     "run {}: {params} parameters; corpus {train}/{valid}/{test} bytes \

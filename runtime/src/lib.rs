@@ -3,7 +3,10 @@
 //! runs exported ONNX denoisers.
 
 pub mod bits;
+pub mod corpus;
 pub mod denoiser;
+pub mod generate;
+pub mod metrics;
 pub mod sampler;
 pub mod schedule;
 pub mod spec;

@@ -1,67 +1,12 @@
 //! The sampling loop against denoisers whose behaviour is known exactly.
 
 use chardiff_runtime::sampler::{gaussian, sample, SamplerConfig, StepRule};
-use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
 use chardiff_runtime::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
-    ModelSpec {
-        format_version: FORMAT_VERSION,
-        window,
-        bits: BITS,
-        bit_scale: 1.0,
-        code: BitCode::Gray,
-        charset: Charset::of(b"abcdefghijklmnopqrstuvwxyz ,."),
-        schedule: Schedule::Cosine,
-        self_conditioning: true,
-        conditioning,
-        head,
-        recommended_steps: 50,
-        recommended_td: 1.0,
-        provenance: Provenance {
-            corpus: "test".into(),
-            corpus_sha256: String::new(),
-            steps: 0,
-            date: String::new(),
-        },
-    }
-}
-
-/// Always predicts the analog bits of one text: a perfect denoiser for a one-point data set.
-/// Records every x_t and t it is called with.
-struct Oracle {
-    spec: ModelSpec,
-    x0: Vec<f32>,
-    seen: Vec<(Vec<f32>, f32)>,
-}
-
-impl Oracle {
-    fn new(spec: ModelSpec, text: &[u8]) -> Oracle {
-        let x0 = spec.analog_bits().encode(text);
-        Oracle {
-            spec,
-            x0,
-            seen: vec![],
-        }
-    }
-}
-
-impl Denoiser for Oracle {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        assert_eq!(input.condition.is_some(), self.spec.conditioning);
-        self.seen.push((input.x_t.to_vec(), input.t[0]));
-        for chunk in x0.chunks_exact_mut(self.x0.len()) {
-            chunk.copy_from_slice(&self.x0);
-        }
-        Ok(())
-    }
-}
+mod common;
+use common::{spec, Oracle};
 
 fn config(steps: usize, td: f32, rule: StepRule) -> SamplerConfig {
     SamplerConfig {

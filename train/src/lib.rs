@@ -4,10 +4,11 @@
 
 pub mod candle;
 pub mod checkpoint;
-pub mod corpus;
 pub mod model;
 pub mod optim;
 pub mod trainer;
+
+pub use chardiff_runtime::corpus;
 
 pub use checkpoint::TrainedModel;
 pub use model::{Activation, ModelConfig};

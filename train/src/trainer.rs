@@ -3,10 +3,10 @@
 
 use crate::candle::{CandleDenoiser, CandleOps, Frozen, ParamSource, Params};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, ADAM_M, ADAM_V, EMA, PARAMS};
-use crate::corpus::{random_windows, Corpus, CorpusError, Preprocess};
 use crate::model::{self, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig, Ema};
 use candle_core::{DType, Device, Tensor, D};
+use chardiff_runtime::corpus::{Corpus, CorpusError, Preprocess};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Head, ModelSpec, Schedule, BITS};
@@ -735,4 +735,44 @@ fn today() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// `batch` windows of `window` bytes, starts drawn uniformly with replacement, concatenated.
+pub fn random_windows(data: &[u8], window: usize, batch: usize, rng: &mut impl Rng) -> Vec<u8> {
+    let mut out = Vec::with_capacity(window * batch);
+    for _ in 0..batch {
+        let start = rng.random_range(0..=data.len() - window);
+        out.extend_from_slice(&data[start..start + window]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_slices_of_the_data() {
+        let data = b"0123456789";
+        let w = random_windows(data, 4, 3, &mut ChaCha8Rng::seed_from_u64(1));
+        assert_eq!(w.len(), 12);
+        for chunk in w.chunks(4) {
+            assert!(data.windows(4).any(|x| x == chunk));
+        }
+    }
+
+    #[test]
+    fn known_positions_never_cover_the_whole_window() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut kinds = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let k = known_positions(12, &mut rng);
+            assert!(k.iter().any(|&m| m == 0));
+            kinds.insert((k[0], k[11], k.iter().filter(|&&m| m == 1).count() == 0));
+        }
+        assert!(
+            kinds.len() >= 4,
+            "prefixes, suffixes, spans and nothing all occur: {kinds:?}"
+        );
+    }
 }

@@ -1,8 +1,7 @@
-//! Training text: read, optionally cleaned the way the reference implementation does, split
-//! 90/6/4 into train/valid/test, and cut into random windows.
+//! Corpus text: read, optionally cleaned the way the reference implementation does, and split
+//! 90/6/4 into train/valid/test. Training learns from it; `eval` takes its vocabulary from it.
 
-use chardiff_runtime::Charset;
-use rand::Rng;
+use crate::bits::Charset;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -98,16 +97,6 @@ pub fn reference_clean(text: &str) -> String {
         .to_string()
 }
 
-/// `batch` windows of `window` bytes, starts drawn uniformly with replacement, concatenated.
-pub fn random_windows(data: &[u8], window: usize, batch: usize, rng: &mut impl Rng) -> Vec<u8> {
-    let mut out = Vec::with_capacity(window * batch);
-    for _ in 0..batch {
-        let start = rng.random_range(0..=data.len() - window);
-        out.extend_from_slice(&data[start..start + window]);
-    }
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -122,16 +111,5 @@ mod tests {
         assert_eq!(reference_clean("a\nb\n\nc  d     e\n"), "a b c d  e");
         assert_eq!(reference_clean("  x\n\n\n\ny "), "x y");
         assert_eq!(reference_clean("p\n\n\n\n\nq"), "p  q"); // one double space survives
-    }
-
-    #[test]
-    fn windows_are_slices_of_the_data() {
-        let data = b"0123456789";
-        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
-        let w = random_windows(data, 4, 3, &mut rng);
-        assert_eq!(w.len(), 12);
-        for chunk in w.chunks(4) {
-            assert!(data.windows(4).any(|x| x == chunk));
-        }
     }
 }

@@ -1,0 +1,166 @@
+//! Conditional generation on top of the sampler: continue a prompt, fill the gaps of a template,
+//! and write text longer than one window by sliding (each window conditioned on the tail of the
+//! previous one).
+
+use crate::denoiser::Denoiser;
+use crate::sampler::{sample, SampleError, SamplerConfig};
+use crate::spec::ModelSpec;
+
+/// The character of an infill template that marks one character to generate.
+pub const GAP: char = '_';
+/// Escapes a literal `_` (as `\_`) or `\` (as `\\`) in a template.
+pub const ESCAPE: char = '\\';
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is {len} bytes, but the model's window is {window} characters: a prompt may be at most {max} bytes so that something is left to generate")]
+    PromptTooLong {
+        len: usize,
+        window: usize,
+        max: usize,
+    },
+    #[error("the infill template is {len} bytes, longer than the model's window of {window}")]
+    TemplateTooLong { len: usize, window: usize },
+    #[error("the infill template has no gap: mark each character to generate with `_` (write `\\_` for a literal underscore)")]
+    NoGap,
+    #[error("the infill template ends in a lone `\\`: write `\\\\` for a literal backslash")]
+    DanglingEscape,
+    #[error("{what} contains {ch:?}, which the model never saw in training (its charset has {size} characters)")]
+    Foreign {
+        what: &'static str,
+        ch: char,
+        size: usize,
+    },
+    #[error("a length of {length} leaves nothing to generate after a prompt of {prompt} bytes")]
+    Length { length: usize, prompt: usize },
+    #[error(transparent)]
+    Sample(#[from] SampleError),
+}
+
+/// Known characters of one window for a prompt: the prompt's bytes, then unknowns.
+pub fn prompt_known(spec: &ModelSpec, prompt: &str) -> Result<Vec<Option<u8>>, GenerateError> {
+    let (len, window) = (prompt.len(), spec.window);
+    if len >= window {
+        return Err(GenerateError::PromptTooLong {
+            len,
+            window,
+            max: window - 1,
+        });
+    }
+    check_charset(spec, prompt, "the prompt")?;
+    let mut known: Vec<Option<u8>> = prompt.bytes().map(Some).collect();
+    known.resize(window, None);
+    Ok(known)
+}
+
+/// Parses an infill template (`_` = generate one character; `\_`, `\\` = literal) into the known
+/// characters of one window (unknown after the template's end), and the template's length.
+pub fn infill_known(
+    spec: &ModelSpec,
+    template: &str,
+) -> Result<(Vec<Option<u8>>, usize), GenerateError> {
+    let mut known = Vec::new();
+    let mut chars = template.chars();
+    let mut literal = String::new();
+    while let Some(c) = chars.next() {
+        let c = match c {
+            ESCAPE => chars.next().ok_or(GenerateError::DanglingEscape)?,
+            GAP => {
+                known.push(None);
+                continue;
+            }
+            c => c,
+        };
+        literal.push(c);
+        let mut buf = [0u8; 4];
+        known.extend(c.encode_utf8(&mut buf).bytes().map(Some));
+    }
+    if known.iter().all(Option::is_some) {
+        return Err(GenerateError::NoGap);
+    }
+    if known.len() > spec.window {
+        return Err(GenerateError::TemplateTooLong {
+            len: known.len(),
+            window: spec.window,
+        });
+    }
+    check_charset(spec, &literal, "the infill template")?;
+    let len = known.len();
+    known.resize(spec.window, None);
+    Ok((known, len))
+}
+
+fn check_charset(spec: &ModelSpec, text: &str, what: &'static str) -> Result<(), GenerateError> {
+    let mut buf = [0u8; 4];
+    for ch in text.chars() {
+        if !ch
+            .encode_utf8(&mut buf)
+            .bytes()
+            .all(|b| spec.charset.contains(b))
+        {
+            return Err(GenerateError::Foreign {
+                what,
+                ch,
+                size: spec.charset.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `n` texts of `length` bytes, prompt included: the first window continues `prompt` (may be
+/// empty), each further window keeps the last half of the text so far as its known prefix and
+/// generates the rest.
+pub fn generate_long<D: Denoiser + ?Sized>(
+    net: &mut D,
+    config: &SamplerConfig,
+    n: usize,
+    prompt: &str,
+    length: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<u8>>, GenerateError> {
+    if length <= prompt.len() {
+        return Err(GenerateError::Length {
+            length,
+            prompt: prompt.len(),
+        });
+    }
+    let spec = net.spec().clone();
+    let window = spec.window;
+    let first = prompt_known(&spec, prompt)?;
+    let overlap = window / 2;
+    let fresh_per_window = window - overlap;
+    let windows = 1 + length.saturating_sub(window).div_ceil(fresh_per_window);
+    let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
+    for w in 0..windows {
+        let known: Vec<Option<u8>> = if w == 0 {
+            (0..n).flat_map(|_| first.iter().copied()).collect()
+        } else {
+            texts
+                .iter()
+                .flat_map(|t| {
+                    let tail = &t[t.len() - overlap..];
+                    tail.iter()
+                        .map(|&b| Some(b))
+                        .chain(std::iter::repeat_n(None, fresh_per_window))
+                })
+                .collect()
+        };
+        // A different seed per window: the same noise in every window would echo itself.
+        let cfg = SamplerConfig {
+            seed: config.seed.wrapping_add(w as u64),
+            ..config.clone()
+        };
+        let out = sample(net, &cfg, n, Some(&known), |i, steps| {
+            progress(w * steps + i, windows * steps)
+        })?;
+        for (text, window_text) in texts.iter_mut().zip(out) {
+            let skip = if w == 0 { 0 } else { overlap };
+            text.extend_from_slice(&window_text[skip..]);
+        }
+    }
+    for text in &mut texts {
+        text.truncate(length);
+    }
+    Ok(texts)
+}

@@ -1,0 +1,151 @@
+//! Model-free sample quality, the way the reference's figures were measured: the share of interior
+//! words found in the training text's vocabulary, character entropy, repetition and diversity.
+
+use crate::bits::Charset;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// Lower-cased words of a text: maximal runs of alphabetic characters.
+pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+}
+
+/// The set of lower-cased words of a text (e.g. a corpus' train split).
+pub fn vocabulary(text: &str) -> HashSet<String> {
+    words(text).collect()
+}
+
+/// Tokens of a window without its first and last one, which the window's edges may have cut.
+pub fn interior_words(sample: &str) -> Vec<String> {
+    let all: Vec<String> = words(sample).collect();
+    if all.len() <= 2 {
+        return vec![];
+    }
+    all[1..all.len() - 1].to_vec()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Quality {
+    pub samples: usize,
+    /// Share of interior words found in the vocabulary (0..1).
+    pub word_rate: f64,
+    pub interior_words: usize,
+    /// Shannon entropy of the characters of all samples together, bits.
+    pub char_entropy: f64,
+    /// Share of word 4-grams that repeat an earlier 4-gram of the same sample.
+    pub repeated_4gram_rate: f64,
+    /// Distinct word bigrams over all bigrams, across samples.
+    pub distinct_2: f64,
+    /// Share of bytes that do not occur in the corpus at all.
+    pub foreign_byte_rate: f64,
+}
+
+/// Measures samples (one window each) against a corpus vocabulary and charset.
+pub fn quality(samples: &[Vec<u8>], vocabulary: &HashSet<String>, charset: &Charset) -> Quality {
+    let texts: Vec<String> = samples
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let interior: Vec<String> = texts.iter().flat_map(|t| interior_words(t)).collect();
+    let found = interior.iter().filter(|w| vocabulary.contains(*w)).count();
+
+    let (mut repeated, mut fourgrams, mut bigrams, mut total_bigrams) = (0, 0, HashSet::new(), 0);
+    for text in &texts {
+        let w: Vec<String> = words(text).collect();
+        let mut seen = HashSet::new();
+        for gram in w.windows(4) {
+            fourgrams += 1;
+            if !seen.insert(gram) {
+                repeated += 1;
+            }
+        }
+        for pair in w.windows(2) {
+            total_bigrams += 1;
+            bigrams.insert(pair.to_vec());
+        }
+    }
+    let bytes: usize = samples.iter().map(Vec::len).sum();
+    let foreign = samples
+        .iter()
+        .flatten()
+        .filter(|&&b| !charset.contains(b))
+        .count();
+    Quality {
+        samples: samples.len(),
+        word_rate: ratio(found, interior.len()),
+        interior_words: interior.len(),
+        char_entropy: char_entropy(texts.iter().flat_map(|t| t.chars())),
+        repeated_4gram_rate: ratio(repeated, fourgrams),
+        distinct_2: ratio(bigrams.len(), total_bigrams),
+        foreign_byte_rate: ratio(foreign, bytes),
+    }
+}
+
+/// Shannon entropy of a character distribution, in bits.
+pub fn char_entropy(chars: impl Iterator<Item = char>) -> f64 {
+    let mut counts: HashMap<char, usize> = HashMap::new();
+    let mut n = 0usize;
+    for c in chars {
+        *counts.entry(c).or_default() += 1;
+        n += 1;
+    }
+    counts
+        .values()
+        .map(|&c| c as f64 / n as f64)
+        .map(|p| -p * p.log2())
+        .sum()
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interior_words_drop_the_edges_and_lowercase() {
+        assert_eq!(
+            interior_words("ing The cat, sat on th"),
+            ["the", "cat", "sat", "on"]
+        );
+        assert!(interior_words("two words").is_empty());
+        assert_eq!(
+            words("Ça va? Très-bien").collect::<Vec<_>>(),
+            ["ça", "va", "très", "bien"]
+        );
+    }
+
+    #[test]
+    fn quality_of_hand_made_samples() {
+        let vocab = vocabulary("the cat sat on the mat and the dog");
+        let charset = Charset::of(b"the cat sat on mat and dog xq");
+        let samples = vec![
+            b"xx the cat sat on the mat yy".to_vec(), // interior: the cat sat on the mat: 6/6
+            b"a qqq the zzz b".to_vec(),              // interior: qqq the zzz: 1/3
+        ];
+        let q = quality(&samples, &vocab, &charset);
+        assert_eq!(q.interior_words, 9);
+        assert!((q.word_rate - 7.0 / 9.0).abs() < 1e-12);
+        assert_eq!(q.repeated_4gram_rate, 0.0);
+        assert!(q.foreign_byte_rate > 0.0); // 'y', 'b' are not in the charset
+        let rep = quality(&[b"a b c d a b c d a b c d".to_vec()], &vocab, &charset);
+        // 9 four-grams, 5 of them repeats of an earlier one.
+        assert!((rep.repeated_4gram_rate - 5.0 / 9.0).abs() < 1e-12);
+        assert!((rep.distinct_2 - 4.0 / 11.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn entropy_of_known_distributions() {
+        assert_eq!(char_entropy("aaaa".chars()), 0.0);
+        assert!((char_entropy("abab".chars()) - 1.0).abs() < 1e-12);
+        assert!((char_entropy("abcd".chars()) - 2.0).abs() < 1e-12);
+    }
+}
