@@ -86,7 +86,7 @@ impl Params {
     pub fn snapshot(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
         self.vars
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?.detach())))
             .collect()
     }
 }

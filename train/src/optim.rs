@@ -94,8 +94,10 @@ impl AdamW {
                 delta = (delta + (w * c.weight_decay)?)?;
             }
             var.set(&(w - (delta * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+            // Detached: gradients carry the step's whole graph, and a moment that kept it would
+            // keep every step's graph alive.
+            self.m.insert(name.clone(), m.detach());
+            self.v.insert(name.clone(), v.detach());
         }
         Ok(UpdateStats { grad_norm })
     }
@@ -121,9 +123,10 @@ impl Ema {
         let decay = self.target.min((1.0 + k as f64) / (10.0 + k as f64));
         for (name, var) in params.vars() {
             let avg = &self.weights[name];
-            // `detach` would share storage with the live weights; the arithmetic makes a new tensor.
+            // The arithmetic makes a new tensor (a bare `detach` of the weights would share their
+            // storage); detaching the result drops the chain back to every earlier average.
             let next = ((avg * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
-            self.weights.insert(name.clone(), next);
+            self.weights.insert(name.clone(), next.detach());
         }
         Ok(())
     }

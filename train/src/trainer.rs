@@ -366,7 +366,18 @@ impl Trainer {
     }
 
     /// Trains until `config.steps`, checkpointing and evaluating on the way.
-    pub fn run(&mut self, mut on_event: impl FnMut(Event<'_>)) -> Result<(), TrainError> {
+    pub fn run(&mut self, on_event: impl FnMut(Event<'_>)) -> Result<(), TrainError> {
+        self.run_until(self.config.steps, on_event)
+    }
+
+    /// Trains until step `stop` (at most `config.steps`) and checkpoints there; the schedule
+    /// stays that of the whole run, so stopping and resuming changes nothing.
+    pub fn run_until(
+        &mut self,
+        stop: u64,
+        mut on_event: impl FnMut(Event<'_>),
+    ) -> Result<(), TrainError> {
+        let stop = stop.min(self.config.steps);
         on_event(Event::Started {
             step: self.step(),
             params: self.parameter_count(),
@@ -379,7 +390,7 @@ impl Trainer {
         });
         let tokens_per_step = (self.config.batch * self.config.window) as f64;
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
-        while self.step() < self.config.steps {
+        while self.step() < stop {
             let started = Instant::now();
             let step = self.step();
             let batch = self.training_batch()?;
@@ -417,7 +428,7 @@ impl Trainer {
                 lr,
                 tokens_per_s: tokens_per_step / elapsed,
             });
-            let last = step == self.config.steps;
+            let last = step == stop;
             if step % self.config.eval_every == 0 || last {
                 let record = self.evaluate(loss_sum / loss_count as f64)?;
                 on_event(Event::Eval(&record));
