@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
-use chardiff_runtime::tract::TractDenoiser;
+use chardiff_runtime::tract::{Device, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -47,6 +47,8 @@ enum Command {
     Sample(SampleArgs),
     /// Measure sample quality against a corpus: interior-word rate, character entropy, repetition.
     Eval(eval::EvalArgs),
+    /// Measure speed: model load, per-step latency per batch size, full sampling, peak memory.
+    Bench(bench::BenchArgs),
 }
 
 /// Which model and how to run its sampler.
@@ -66,16 +68,23 @@ struct SamplingFlags {
     sampler: StepRule,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
+    #[arg(long, default_value = "cpu", value_parser = enum_arg::<Device>)]
+    device: Device,
 }
 
 impl SamplingFlags {
+    fn model_path(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+    }
+
     fn load(&self) -> Result<(TractDenoiser, SamplerConfig)> {
-        let path = self
-            .model
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-        let net = TractDenoiser::load(&path)
+        let path = self.model_path();
+        let net = TractDenoiser::load_on(&path, self.device)
             .with_context(|| format!("loading model {}", path.display()))?;
+        if let Some(why) = net.fallback_reason() {
+            eprintln!("note: --device auto runs on the CPU: {why}");
+        }
         let spec = net.spec();
         let config = SamplerConfig {
             steps: self.steps.unwrap_or(spec.recommended_steps),
@@ -121,6 +130,7 @@ fn main() {
         Command::Export { run, out } => export(run, out),
         Command::Sample(args) => run_sample(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -141,9 +151,8 @@ fn run_sample(args: SampleArgs) -> Result<()> {
     }
     let prompt = args.prompt.unwrap_or_default();
     let texts = if let Some(length) = args.length {
-        let windows = 1 + length
-            .saturating_sub(spec.window)
-            .div_ceil(spec.window - spec.window / 2);
+        let windows =
+            1 + length.saturating_sub(spec.window).div_ceil(spec.window - spec.window / 2);
         let bar = progress_bar((windows * config.steps) as u64, "denoising");
         let texts = generate::generate_long(&mut net, &config, args.n, &prompt, length, |i, _| {
             bar.set_position(i as u64)
@@ -158,13 +167,10 @@ fn run_sample(args: SampleArgs) -> Result<()> {
         };
         let known: Vec<Option<u8>> = (0..args.n).flat_map(|_| known.iter().copied()).collect();
         let bar = progress_bar(config.steps as u64, "denoising");
-        let texts = sample(
-            &mut net,
-            &config,
-            args.n,
-            Some(&known[..]).filter(|_| conditional),
-            |i, _| bar.set_position(i as u64),
-        )?;
+        let texts =
+            sample(&mut net, &config, args.n, Some(&known[..]).filter(|_| conditional), |i, _| {
+                bar.set_position(i as u64)
+            })?;
         bar.finish_and_clear();
         texts
             .into_iter()
@@ -178,6 +184,115 @@ fn run_sample(args: SampleArgs) -> Result<()> {
         println!("➜ {}", String::from_utf8_lossy(&text));
     }
     Ok(())
+}
+
+mod bench {
+    use super::SamplingFlags;
+    use anyhow::Result;
+    use chardiff_runtime::bench::{peak_rss_bytes, step_latency, StepLatency};
+    use chardiff_runtime::sampler::sample;
+    use chardiff_runtime::Denoiser;
+    use serde::Serialize;
+    use std::time::Instant;
+
+    #[derive(clap::Args)]
+    pub struct BenchArgs {
+        #[command(flatten)]
+        sampling: SamplingFlags,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        batch: Vec<usize>,
+        /// Timed network calls per batch size (after --warmup untimed ones).
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Skip the full sampling run at the recommended steps.
+        #[arg(long)]
+        no_full: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    }
+
+    #[derive(Serialize)]
+    struct Row {
+        #[serde(flatten)]
+        step: StepLatency,
+        /// Seconds for a whole sample at the given steps, and characters per second.
+        full_sample_s: Option<f64>,
+        chars_per_s: Option<f64>,
+    }
+
+    #[derive(Serialize)]
+    struct Report {
+        model: String,
+        device: String,
+        load_ms: f64,
+        steps: usize,
+        rows: Vec<Row>,
+        peak_rss_mb: Option<f64>,
+    }
+
+    pub fn run(args: BenchArgs) -> Result<()> {
+        let start = Instant::now();
+        let (mut net, config) = args.sampling.load()?;
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        let window = net.spec().window;
+        let mut rows = Vec::new();
+        for &batch in &args.batch {
+            anyhow::ensure!(batch > 0, "batch sizes must be at least 1");
+            let step = step_latency(&mut net, batch, args.warmup, args.iterations)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let full_sample_s = if args.no_full {
+                None
+            } else {
+                let start = Instant::now();
+                sample(&mut net, &config, batch, None, |_, _| {})?;
+                Some(start.elapsed().as_secs_f64())
+            };
+            let chars_per_s = full_sample_s.map(|s| (batch * window) as f64 / s);
+            rows.push(Row { step, full_sample_s, chars_per_s });
+        }
+        let report = Report {
+            model: args.sampling.model_path().display().to_string(),
+            device: format!("{:?}", net.device()).to_lowercase(),
+            load_ms,
+            steps: config.steps,
+            rows,
+            peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / 1e6),
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            return Ok(());
+        }
+        println!("{} on {}: loaded in {:.1} ms", report.model, report.device, report.load_ms);
+        println!(
+            "{:>6} {:>10} {:>10} {:>10} {:>16} {:>10}",
+            "batch",
+            "median ms",
+            "p10 ms",
+            "p90 ms",
+            format!("sample {} st, s", report.steps),
+            "chars/s"
+        );
+        for r in &report.rows {
+            let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+            println!(
+                "{:>6} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
+                r.step.batch,
+                r.step.median_ms,
+                r.step.p10_ms,
+                r.step.p90_ms,
+                opt(r.full_sample_s, 2),
+                opt(r.chars_per_s, 0)
+            );
+        }
+        if let Some(mb) = report.peak_rss_mb {
+            println!("peak RSS {mb:.1} MB");
+        }
+        Ok(())
+    }
 }
 
 mod eval {
@@ -225,17 +340,13 @@ mod eval {
             None => {
                 let (mut net, config) = args.sampling.load()?;
                 let bar = progress_bar(config.steps as u64, "sampling");
-                let texts = sample(&mut net, &config, args.n, None, |i, _| {
-                    bar.set_position(i as u64)
-                })?;
+                let texts =
+                    sample(&mut net, &config, args.n, None, |i, _| bar.set_position(i as u64))?;
                 bar.finish_and_clear();
                 let name = net.spec().provenance.corpus.clone();
                 (
                     texts,
-                    format!(
-                        "model trained on {name}, {} steps, td {}",
-                        config.steps, config.td
-                    ),
+                    format!("model trained on {name}, {} steps, td {}", config.steps, config.td),
                 )
             }
         };
@@ -453,12 +564,7 @@ mod train {
         let bar = progress_bar(trainer.config.steps, "training");
         bar.set_position(trainer.step());
         trainer.run(|event| match event {
-            Event::Started {
-                step,
-                params,
-                charset,
-                split: [train, valid, test],
-            } => say(
+            Event::Started { step, params, charset, split: [train, valid, test] } => say(
                 &bar,
                 format!(
                     "run {}: {params} parameters; corpus {train}/{valid}/{test} bytes \
@@ -466,16 +572,9 @@ mod train {
                     args.out.display()
                 ),
             ),
-            Event::Step {
-                step,
-                loss,
-                lr,
-                tokens_per_s,
-            } => {
+            Event::Step { step, loss, lr, tokens_per_s } => {
                 bar.set_position(step);
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
-                ));
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
             }
             Event::Eval(r) => {
                 say(

@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn chardiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chardiff"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_chardiff")).args(args).output().expect("the binary runs")
 }
 
 fn corpus() -> PathBuf {
@@ -24,15 +21,9 @@ fn fails_with(args: &[&str], needle: &str) {
     let out = chardiff(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // 1: our errors; 2: clap's usage errors. A panic would be 101.
-    assert!(
-        matches!(out.status.code(), Some(1 | 2)),
-        "{args:?} should fail cleanly: {stderr}"
-    );
+    assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?} should fail cleanly: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected `{needle}` in: {stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in: {stderr}");
 }
 
 const TINY: &[&str] = &[
@@ -59,59 +50,26 @@ fn train_export_sample_and_resume_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let c = corpus();
-    let mut args = vec![
-        "train",
-        "--corpus",
-        s(&c),
-        "--out",
-        s(&run),
-        "--steps",
-        "40",
-    ];
+    let mut args = vec!["train", "--corpus", s(&c), "--out", s(&run), "--steps", "40"];
     args.extend_from_slice(TINY);
     let out = chardiff(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("val"), "evaluations are reported: {log}");
 
     // Same directory again: refused, nothing overwritten.
     fails_with(&args, "already holds a training run");
     let resumed = chardiff(&["train", "--out", s(&run), "--resume", "--steps", "60"]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("from step 40"));
 
     let model = dir.path().join("m.onnx");
     let out = chardiff(&["export", s(&run), "--out", s(&model)]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let out = chardiff(&[
-        "sample",
-        "--model",
-        s(&model),
-        "-n",
-        "3",
-        "--steps",
-        "10",
-        "--seed",
-        "1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3);
@@ -119,22 +77,9 @@ fn train_export_sample_and_resume_through_the_cli() {
         let sample = line.strip_prefix("➜ ").expect("reference-style prefix");
         assert_eq!(sample.len(), 24, "one window of text: {sample:?}");
     }
-    let again = chardiff(&[
-        "sample",
-        "--model",
-        s(&model),
-        "-n",
-        "3",
-        "--steps",
-        "10",
-        "--seed",
-        "1",
-    ]);
-    assert_eq!(
-        String::from_utf8(again.stdout).unwrap(),
-        text,
-        "same seed, same text"
-    );
+    let again =
+        chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text, "same seed, same text");
 }
 
 #[test]
@@ -165,18 +110,10 @@ fn bad_corpora_are_refused_with_a_reason() {
     let binary = dir.path().join("binary.txt");
     std::fs::write(
         &binary,
-        [b'a'; 100]
-            .iter()
-            .chain(&[0xff, 0xfe])
-            .chain(&[b'b'; 900])
-            .copied()
-            .collect::<Vec<u8>>(),
+        [b'a'; 100].iter().chain(&[0xff, 0xfe]).chain(&[b'b'; 900]).copied().collect::<Vec<u8>>(),
     )
     .unwrap();
-    run(
-        train(&binary),
-        "not UTF-8 text (invalid byte at offset 100)",
-    );
+    run(train(&binary), "not UTF-8 text (invalid byte at offset 100)");
     assert!(!out.join("checkpoint.safetensors").exists());
     fails_with(
         &["train", "--out", s(&dir.path().join("none")), "--resume"],
@@ -188,10 +125,7 @@ fn bad_corpora_are_refused_with_a_reason() {
 fn bad_models_and_run_directories_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.onnx");
-    fails_with(
-        &["sample", "--model", s(&missing)],
-        "cannot read model file",
-    );
+    fails_with(&["sample", "--model", s(&missing)], "cannot read model file");
     let corrupt = dir.path().join("corrupt.onnx");
     std::fs::write(&corrupt, b"\x08\x07this is not protobuf at all\xff\xff\xff").unwrap();
     fails_with(&["sample", "--model", s(&corrupt)], "not an ONNX model");
@@ -202,22 +136,13 @@ fn bad_models_and_run_directories_are_refused_with_a_reason() {
     let x = g.input("x", &[chardiff_export::graph::Dim::Fixed(2)]);
     let y = g.node("Relu", &[&x], vec![]);
     g.output("y", &y, &[chardiff_export::graph::Dim::Fixed(2)]);
-    std::fs::write(
-        &foreign,
-        prost::Message::encode_to_vec(&g.finish("foreign", vec![])),
-    )
-    .unwrap();
+    std::fs::write(&foreign, prost::Message::encode_to_vec(&g.finish("foreign", vec![]))).unwrap();
     fails_with(&["sample", "--model", s(&foreign)], "no chardiff metadata");
 
     let empty_run = dir.path().join("run");
     std::fs::create_dir(&empty_run).unwrap();
     fails_with(
-        &[
-            "export",
-            s(&empty_run),
-            "--out",
-            s(&dir.path().join("x.onnx")),
-        ],
+        &["export", s(&empty_run), "--out", s(&dir.path().join("x.onnx"))],
         "spec.json is missing",
     );
     assert!(!dir.path().join("x.onnx").exists());
@@ -225,22 +150,9 @@ fn bad_models_and_run_directories_are_refused_with_a_reason() {
 
 #[test]
 fn bad_flags_are_refused() {
-    fails_with(
-        &["sample", "--sampler", "euler", "--model", "x"],
-        "unknown variant",
-    );
+    fails_with(&["sample", "--sampler", "euler", "--model", "x"], "unknown variant");
     let dir = tempfile::tempdir().unwrap();
     let (c, d) = (corpus(), dir.path().join("run"));
-    let args = [
-        "train",
-        "--corpus",
-        s(&c),
-        "--out",
-        s(&d),
-        "--dim",
-        "30",
-        "--heads",
-        "4",
-    ];
+    let args = ["train", "--corpus", s(&c), "--out", s(&d), "--dim", "30", "--heads", "4"];
     fails_with(&args, "multiple of heads");
 }

@@ -19,13 +19,7 @@ fn corpus() -> PathBuf {
 }
 
 fn tiny_model() -> ModelConfig {
-    ModelConfig {
-        dim: 32,
-        layers: 2,
-        heads: 2,
-        ffn: 64,
-        activation: Activation::Gelu,
-    }
+    ModelConfig { dim: 32, layers: 2, heads: 2, ffn: 64, activation: Activation::Gelu }
 }
 
 fn tiny_config(head: Head, conditioning: bool, steps: u64) -> TrainConfig {
@@ -59,12 +53,9 @@ fn trained() -> &'static Trained {
     static RUN: OnceLock<Trained> = OnceLock::new();
     RUN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let mut trainer = Trainer::create(
-            dir.path(),
-            tiny_config(Head::Softmax, true, 300),
-            tiny_model(),
-        )
-        .unwrap();
+        let mut trainer =
+            Trainer::create(dir.path(), tiny_config(Head::Softmax, true, 300), tiny_model())
+                .unwrap();
         let mut vals = vec![trainer.evaluate(f64::NAN).unwrap().val_loss];
         trainer
             .run(|e| {
@@ -74,30 +65,18 @@ fn trained() -> &'static Trained {
             })
             .unwrap();
         let model = TrainedModel::load(dir.path()).unwrap();
-        Trained {
-            first_val: vals[0],
-            last_val: *vals.last().unwrap(),
-            _dir: dir,
-            model,
-        }
+        Trained { first_val: vals[0], last_val: *vals.last().unwrap(), _dir: dir, model }
     })
 }
 
 fn clone_model(m: &TrainedModel) -> TrainedModel {
-    TrainedModel {
-        spec: m.spec.clone(),
-        config: m.config.clone(),
-        weights: m.weights.clone(),
-    }
+    TrainedModel { spec: m.spec.clone(), config: m.config.clone(), weights: m.weights.clone() }
 }
 
 /// Random weights scaled up so that every layer matters to the output.
 fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u64) -> TrainedModel {
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelConfig {
-        activation,
-        ..tiny_model()
-    };
+    let model = ModelConfig { activation, ..tiny_model() };
     let trainer = Trainer::create(dir.path(), tiny_config(head, conditioning, 10), model).unwrap();
     let mut spec = trainer.spec.clone();
     spec.recommended_steps = 10;
@@ -109,60 +88,40 @@ fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u6
         .map(|(name, var)| {
             let n = var.elem_count();
             let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 0.6 - 0.3).collect();
-            (
-                name.clone(),
-                Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap(),
-            )
+            (name.clone(), Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
         })
         .collect();
-    TrainedModel {
-        spec,
-        config: trainer.model.clone(),
-        weights,
-    }
+    TrainedModel { spec, config: trainer.model.clone(), weights }
 }
 
 /// Max |x0_candle - x0_tract| over random inputs at several batch sizes.
 fn parity(model: TrainedModel) -> f32 {
     let mut tract = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
-    let mut candle = CandleDenoiser {
-        spec: model.spec,
-        config: model.config,
-        weights: model.weights,
-    };
+    let mut candle =
+        CandleDenoiser { spec: model.spec, config: model.config, weights: model.weights };
     let spec = candle.spec.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut worst = 0.0f32;
     for batch in [1, 3, 8] {
         let size = batch * spec.values_per_sequence();
         let x_t = gaussian(&mut rng, size);
-        let x_self: Vec<f32> = gaussian(&mut rng, size)
-            .iter()
-            .map(|v| v.clamp(-1.0, 1.0))
-            .collect();
+        let x_self: Vec<f32> =
+            gaussian(&mut rng, size).iter().map(|v| v.clamp(-1.0, 1.0)).collect();
         let t: Vec<f32> = (0..batch).map(|_| rng.random()).collect();
         let cond = gaussian(&mut rng, size);
-        let mask: Vec<f32> = (0..batch * spec.window)
-            .map(|_| f32::from(rng.random::<bool>()))
-            .collect();
+        let mask: Vec<f32> =
+            (0..batch * spec.window).map(|_| f32::from(rng.random::<bool>())).collect();
         let input = DenoiseInput {
             batch,
             x_t: &x_t,
             x_self: &x_self,
             t: &t,
-            condition: spec.conditioning.then_some(Condition {
-                cond: &cond,
-                mask: &mask,
-            }),
+            condition: spec.conditioning.then_some(Condition { cond: &cond, mask: &mask }),
         };
         let (mut a, mut b) = (vec![0.0; size], vec![0.0; size]);
         candle.denoise(&input, &mut a).unwrap();
         tract.denoise(&input, &mut b).unwrap();
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
         assert!(a.iter().any(|v| v.abs() > 1e-3), "outputs are degenerate");
         worst = worst.max(diff);
     }
@@ -190,12 +149,7 @@ fn tract_matches_candle_on_random_weights_for_every_head_and_input_set() {
 fn training_lowers_the_validation_loss_and_tract_matches_the_trained_model() {
     let run = trained();
     eprintln!("val loss {:.4} -> {:.4}", run.first_val, run.last_val);
-    assert!(
-        run.last_val < 0.8 * run.first_val,
-        "{} -> {}",
-        run.first_val,
-        run.last_val
-    );
+    assert!(run.last_val < 0.8 * run.first_val, "{} -> {}", run.first_val, run.last_val);
     let err = parity(clone_model(&run.model));
     eprintln!("trained: max |x0 diff| = {err:.2e}");
     assert!(err <= 1e-4);
@@ -206,12 +160,7 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
     let model = clone_model(&trained().model);
     let mut tract = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
     let mut candle = model.denoiser();
-    let config = SamplerConfig {
-        steps: 20,
-        td: 1.0,
-        rule: StepRule::Ddim,
-        seed: 42,
-    };
+    let config = SamplerConfig { steps: 20, td: 1.0, rule: StepRule::Ddim, seed: 42 };
     let a = sample(&mut candle, &config, 3, None, |_, _| {}).unwrap();
     let b = sample(&mut tract, &config, 3, None, |_, _| {}).unwrap();
     assert_eq!(a, b);
@@ -219,10 +168,7 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
         assert_eq!(text.len(), 24);
         eprintln!("➜ {}", String::from_utf8_lossy(text));
     }
-    let ddpm = SamplerConfig {
-        rule: StepRule::Ddpm,
-        ..config
-    };
+    let ddpm = SamplerConfig { rule: StepRule::Ddpm, ..config };
     assert_eq!(
         sample(&mut candle, &ddpm, 2, None, |_, _| {}).unwrap(),
         sample(&mut tract, &ddpm, 2, None, |_, _| {}).unwrap()

@@ -14,11 +14,7 @@ pub enum ExportError {
     #[error("the checkpoint lacks the parameter `{0}` the model needs")]
     MissingParam(String),
     #[error("parameter `{name}` has shape {found:?}, the model needs {expected:?}")]
-    Shape {
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("cannot read the weights: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -40,10 +36,7 @@ impl Ops for OnnxOps<'_> {
     type E = ExportError;
 
     fn param(&mut self, name: &str, shape: &[usize], _: Init) -> Result<String, ExportError> {
-        let t = self
-            .weights
-            .get(name)
-            .ok_or_else(|| ExportError::MissingParam(name.into()))?;
+        let t = self.weights.get(name).ok_or_else(|| ExportError::MissingParam(name.into()))?;
         if t.dims() != shape {
             return Err(ExportError::Shape {
                 name: name.into(),
@@ -51,10 +44,7 @@ impl Ops for OnnxOps<'_> {
                 expected: shape.to_vec(),
             });
         }
-        let data = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Ok(self.g.initializer_f32(name, shape, &data))
     }
 
@@ -94,9 +84,7 @@ impl Ops for OnnxOps<'_> {
     }
 
     fn gelu_tanh(&mut self, x: &String) -> Result<String, ExportError> {
-        Ok(self
-            .g
-            .node("Gelu", &[x], vec![attr_string("approximate", "tanh")]))
+        Ok(self.g.node("Gelu", &[x], vec![attr_string("approximate", "tanh")]))
     }
 
     fn silu(&mut self, x: &String) -> Result<String, ExportError> {
@@ -120,28 +108,19 @@ impl Ops for OnnxOps<'_> {
     fn split(&mut self, x: &String, sizes: &[usize]) -> Result<Vec<String>, ExportError> {
         let sizes: Vec<i64> = sizes.iter().map(|&s| s as i64).collect();
         let split = self.g.initializer_i64(&[sizes.len()], &sizes);
-        Ok(self.g.node_n(
-            "Split",
-            &[x, &split],
-            sizes.len(),
-            vec![attr_int("axis", -1)],
-        ))
+        Ok(self.g.node_n("Split", &[x, &split], sizes.len(), vec![attr_int("axis", -1)]))
     }
 
     fn reshape(&mut self, x: &String, dims: &[usize]) -> Result<String, ExportError> {
         // 0 copies the input's (symbolic) batch dimension.
-        let shape: Vec<i64> = std::iter::once(0)
-            .chain(dims.iter().map(|&d| d as i64))
-            .collect();
+        let shape: Vec<i64> = std::iter::once(0).chain(dims.iter().map(|&d| d as i64)).collect();
         let shape = self.g.initializer_i64(&[shape.len()], &shape);
         Ok(self.g.node("Reshape", &[x, &shape], vec![]))
     }
 
     fn transpose(&mut self, x: &String, perm: &[usize]) -> Result<String, ExportError> {
         let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-        Ok(self
-            .g
-            .node("Transpose", &[x], vec![attr_ints("perm", &perm)]))
+        Ok(self.g.node("Transpose", &[x], vec![attr_ints("perm", &perm)]))
     }
 
     fn unsqueeze(&mut self, x: &String, axis: usize) -> Result<String, ExportError> {
@@ -154,10 +133,7 @@ impl Ops for OnnxOps<'_> {
 pub fn denoiser_graph(model: &TrainedModel) -> Result<ModelProto, ExportError> {
     let spec = &model.spec;
     let (l, k) = (spec.window, spec.bits);
-    let mut ops = OnnxOps {
-        g: GraphBuilder::default(),
-        weights: &model.weights,
-    };
+    let mut ops = OnnxOps { g: GraphBuilder::default(), weights: &model.weights };
     let bits = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(k)];
     let inputs = model::Inputs {
         x_t: ops.g.input(io::X_T, &bits),
@@ -165,9 +141,7 @@ pub fn denoiser_graph(model: &TrainedModel) -> Result<ModelProto, ExportError> {
         t: ops.g.input(io::T, &[Dim::Batch]),
         condition: spec.conditioning.then(|| {
             let cond = ops.g.input(io::COND, &bits);
-            let mask = ops
-                .g
-                .input(io::COND_MASK, &[Dim::Batch, Dim::Fixed(l), Dim::Fixed(1)]);
+            let mask = ops.g.input(io::COND_MASK, &[Dim::Batch, Dim::Fixed(l), Dim::Fixed(1)]);
             (cond, mask)
         }),
     };

@@ -36,9 +36,7 @@ impl GraphBuilder {
 
     pub fn output(&mut self, name: &str, value: &str, dims: &[Dim]) {
         // Identity gives the output its contract name; tract removes it when decluttering.
-        self.graph
-            .node
-            .push(node("Identity", &[value], &[name], name, vec![]));
+        self.graph.node.push(node("Identity", &[value], &[name], name, vec![]));
         self.graph.output.push(value_info(name, dims));
     }
 
@@ -85,9 +83,7 @@ impl GraphBuilder {
         let name = self.fresh(op);
         let outs: Vec<String> = (0..outputs).map(|i| format!("{name}:{i}")).collect();
         let out_refs: Vec<&str> = outs.iter().map(String::as_str).collect();
-        self.graph
-            .node
-            .push(node(op, inputs, &out_refs, &name, attributes));
+        self.graph.node.push(node(op, inputs, &out_refs, &name, attributes));
         outs
     }
 
@@ -100,10 +96,7 @@ impl GraphBuilder {
         self.graph.name = name.to_string();
         ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: OPSET,
-            }],
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
             producer_name: "chardiff".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
             graph: Some(self.graph),
@@ -158,12 +151,7 @@ fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
 }
 
 pub fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    }
+    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i, ..Default::default() }
 }
 
 pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {

@@ -18,10 +18,7 @@ pub enum Error {
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// What an export wrote.
@@ -35,10 +32,7 @@ pub struct Summary {
 pub fn export_run(dir: &Path, out: &Path) -> Result<Summary, Error> {
     let model = TrainedModel::load(dir)?;
     let bytes = to_onnx_bytes(&model)?;
-    write_atomic(out, &bytes).map_err(|source| Error::Write {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    write_atomic(out, &bytes).map_err(|source| Error::Write { path: out.to_path_buf(), source })?;
     Ok(Summary {
         bytes: bytes.len(),
         parameters: model.weights.values().map(|t| t.elem_count()).sum(),

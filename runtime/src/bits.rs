@@ -176,10 +176,7 @@ mod tests {
 
     #[test]
     fn binary_is_msb_first_and_gray_neighbours_differ_in_one_bit() {
-        let bits = AnalogBits {
-            code: BitCode::Binary,
-            scale: 1.0,
-        };
+        let bits = AnalogBits { code: BitCode::Binary, scale: 1.0 };
         assert_eq!(bits.encode(b"A"), [-1., 1., -1., -1., -1., -1., -1., 1.]);
         for b in 0..255u8 {
             let diff = BitCode::Gray.encode(b) ^ BitCode::Gray.encode(b + 1);
@@ -190,10 +187,7 @@ mod tests {
     #[test]
     fn nearest_decoding_stays_in_the_charset() {
         let charset = Charset::of(b"ab");
-        let bits = AnalogBits {
-            code: BitCode::Binary,
-            scale: 1.0,
-        };
+        let bits = AnalogBits { code: BitCode::Binary, scale: 1.0 };
         let mut x = bits.encode(b"c"); // 'c' = 'a' with one more bit: nearest is 'a' or 'b'
         x[7] *= 0.5;
         let decoded = bits.decode_nearest(&x, &charset);

@@ -19,21 +19,13 @@ pub enum Preprocess {
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
     #[error("cannot read corpus {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("corpus {0} is empty: give a text file to learn from")]
     Empty(PathBuf),
     #[error("corpus {path} is not UTF-8 text (invalid byte at offset {offset}): convert it to UTF-8 first")]
     NotUtf8 { path: PathBuf, offset: usize },
     #[error("corpus {path} is too short: {bytes} bytes after preprocessing, but the validation split (6%) must hold one {window}-character window; give at least {needed} bytes or a smaller --window")]
-    TooShort {
-        path: PathBuf,
-        bytes: usize,
-        window: usize,
-        needed: usize,
-    },
+    TooShort { path: PathBuf, bytes: usize, window: usize, needed: usize },
 }
 
 pub struct Corpus {
@@ -50,10 +42,8 @@ pub struct Corpus {
 
 impl Corpus {
     pub fn load(path: &Path, preprocess: Preprocess, window: usize) -> Result<Corpus, CorpusError> {
-        let raw = std::fs::read(path).map_err(|source| CorpusError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let raw = std::fs::read(path)
+            .map_err(|source| CorpusError::Io { path: path.to_path_buf(), source })?;
         if raw.is_empty() {
             return Err(CorpusError::Empty(path.to_path_buf()));
         }
@@ -76,9 +66,7 @@ impl Corpus {
             });
         }
         Ok(Corpus {
-            name: path
-                .file_name()
-                .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+            name: path.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
             sha256: hex(&Sha256::digest(&raw)),
             charset: Charset::of(&bytes),
             train: bytes[..train_end].to_vec(),
@@ -90,11 +78,7 @@ impl Corpus {
 
 pub fn reference_clean(text: &str) -> String {
     let joined = text.lines().collect::<Vec<_>>().join(" ");
-    joined
-        .replace("   ", " ")
-        .replace("  ", " ")
-        .trim()
-        .to_string()
+    joined.replace("   ", " ").replace("  ", " ").trim().to_string()
 }
 
 fn hex(bytes: &[u8]) -> String {

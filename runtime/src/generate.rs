@@ -14,11 +14,7 @@ pub const ESCAPE: char = '\\';
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
     #[error("the prompt is {len} bytes, but the model's window is {window} characters: a prompt may be at most {max} bytes so that something is left to generate")]
-    PromptTooLong {
-        len: usize,
-        window: usize,
-        max: usize,
-    },
+    PromptTooLong { len: usize, window: usize, max: usize },
     #[error("the infill template is {len} bytes, longer than the model's window of {window}")]
     TemplateTooLong { len: usize, window: usize },
     #[error("the infill template has no gap: mark each character to generate with `_` (write `\\_` for a literal underscore)")]
@@ -26,11 +22,7 @@ pub enum GenerateError {
     #[error("the infill template ends in a lone `\\`: write `\\\\` for a literal backslash")]
     DanglingEscape,
     #[error("{what} contains {ch:?}, which the model never saw in training (its charset has {size} characters)")]
-    Foreign {
-        what: &'static str,
-        ch: char,
-        size: usize,
-    },
+    Foreign { what: &'static str, ch: char, size: usize },
     #[error("a length of {length} leaves nothing to generate after a prompt of {prompt} bytes")]
     Length { length: usize, prompt: usize },
     #[error(transparent)]
@@ -41,11 +33,7 @@ pub enum GenerateError {
 pub fn prompt_known(spec: &ModelSpec, prompt: &str) -> Result<Vec<Option<u8>>, GenerateError> {
     let (len, window) = (prompt.len(), spec.window);
     if len >= window {
-        return Err(GenerateError::PromptTooLong {
-            len,
-            window,
-            max: window - 1,
-        });
+        return Err(GenerateError::PromptTooLong { len, window, max: window - 1 });
     }
     check_charset(spec, prompt, "the prompt")?;
     let mut known: Vec<Option<u8>> = prompt.bytes().map(Some).collect();
@@ -79,10 +67,7 @@ pub fn infill_known(
         return Err(GenerateError::NoGap);
     }
     if known.len() > spec.window {
-        return Err(GenerateError::TemplateTooLong {
-            len: known.len(),
-            window: spec.window,
-        });
+        return Err(GenerateError::TemplateTooLong { len: known.len(), window: spec.window });
     }
     check_charset(spec, &literal, "the infill template")?;
     let len = known.len();
@@ -93,16 +78,8 @@ pub fn infill_known(
 fn check_charset(spec: &ModelSpec, text: &str, what: &'static str) -> Result<(), GenerateError> {
     let mut buf = [0u8; 4];
     for ch in text.chars() {
-        if !ch
-            .encode_utf8(&mut buf)
-            .bytes()
-            .all(|b| spec.charset.contains(b))
-        {
-            return Err(GenerateError::Foreign {
-                what,
-                ch,
-                size: spec.charset.len(),
-            });
+        if !ch.encode_utf8(&mut buf).bytes().all(|b| spec.charset.contains(b)) {
+            return Err(GenerateError::Foreign { what, ch, size: spec.charset.len() });
         }
     }
     Ok(())
@@ -120,10 +97,7 @@ pub fn generate_long<D: Denoiser + ?Sized>(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<u8>>, GenerateError> {
     if length <= prompt.len() {
-        return Err(GenerateError::Length {
-            length,
-            prompt: prompt.len(),
-        });
+        return Err(GenerateError::Length { length, prompt: prompt.len() });
     }
     let spec = net.spec().clone();
     let window = spec.window;
@@ -140,17 +114,12 @@ pub fn generate_long<D: Denoiser + ?Sized>(
                 .iter()
                 .flat_map(|t| {
                     let tail = &t[t.len() - overlap..];
-                    tail.iter()
-                        .map(|&b| Some(b))
-                        .chain(std::iter::repeat_n(None, fresh_per_window))
+                    tail.iter().map(|&b| Some(b)).chain(std::iter::repeat_n(None, fresh_per_window))
                 })
                 .collect()
         };
         // A different seed per window: the same noise in every window would echo itself.
-        let cfg = SamplerConfig {
-            seed: config.seed.wrapping_add(w as u64),
-            ..config.clone()
-        };
+        let cfg = SamplerConfig { seed: config.seed.wrapping_add(w as u64), ..config.clone() };
         let out = sample(net, &cfg, n, Some(&known), |i, steps| {
             progress(w * steps + i, windows * steps)
         })?;

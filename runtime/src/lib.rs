@@ -2,6 +2,7 @@
 //! sampling loop), the model spec and graph contract, and (feature `tract`) a tract backend that
 //! runs exported ONNX denoisers.
 
+pub mod bench;
 pub mod bits;
 pub mod corpus;
 pub mod denoiser;

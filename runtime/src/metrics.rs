@@ -7,9 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 /// Lower-cased words of a text: maximal runs of alphabetic characters.
 pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphabetic())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
+    text.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()).map(str::to_lowercase)
 }
 
 /// The set of lower-cased words of a text (e.g. a corpus' train split).
@@ -44,10 +42,8 @@ pub struct Quality {
 
 /// Measures samples (one window each) against a corpus vocabulary and charset.
 pub fn quality(samples: &[Vec<u8>], vocabulary: &HashSet<String>, charset: &Charset) -> Quality {
-    let texts: Vec<String> = samples
-        .iter()
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let texts: Vec<String> =
+        samples.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
     let interior: Vec<String> = texts.iter().flat_map(|t| interior_words(t)).collect();
     let found = interior.iter().filter(|w| vocabulary.contains(*w)).count();
 
@@ -67,11 +63,7 @@ pub fn quality(samples: &[Vec<u8>], vocabulary: &HashSet<String>, charset: &Char
         }
     }
     let bytes: usize = samples.iter().map(Vec::len).sum();
-    let foreign = samples
-        .iter()
-        .flatten()
-        .filter(|&&b| !charset.contains(b))
-        .count();
+    let foreign = samples.iter().flatten().filter(|&&b| !charset.contains(b)).count();
     Quality {
         samples: samples.len(),
         word_rate: ratio(found, interior.len()),
@@ -91,11 +83,7 @@ pub fn char_entropy(chars: impl Iterator<Item = char>) -> f64 {
         *counts.entry(c).or_default() += 1;
         n += 1;
     }
-    counts
-        .values()
-        .map(|&c| c as f64 / n as f64)
-        .map(|p| -p * p.log2())
-        .sum()
+    counts.values().map(|&c| c as f64 / n as f64).map(|p| -p * p.log2()).sum()
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -112,15 +100,9 @@ mod tests {
 
     #[test]
     fn interior_words_drop_the_edges_and_lowercase() {
-        assert_eq!(
-            interior_words("ing The cat, sat on th"),
-            ["the", "cat", "sat", "on"]
-        );
+        assert_eq!(interior_words("ing The cat, sat on th"), ["the", "cat", "sat", "on"]);
         assert!(interior_words("two words").is_empty());
-        assert_eq!(
-            words("Ça va? Très-bien").collect::<Vec<_>>(),
-            ["ça", "va", "très", "bien"]
-        );
+        assert_eq!(words("Ça va? Très-bien").collect::<Vec<_>>(), ["ça", "va", "très", "bien"]);
     }
 
     #[test]

@@ -67,11 +67,7 @@ pub fn sample<D: Denoiser + ?Sized>(
 ) -> Result<Vec<Vec<u8>>, SampleError> {
     let spec = net.spec().clone();
     check(config, &spec, n, known)?;
-    let (b, steps, size) = (
-        spec.bit_scale,
-        config.steps as f32,
-        n * spec.values_per_sequence(),
-    );
+    let (b, steps, size) = (spec.bit_scale, config.steps as f32, n * spec.values_per_sequence());
     let gamma = |t: f32| spec.schedule.gamma(f64::from(t)) as f32;
     let method = ConditioningMethod::for_spec(&spec);
     // A conditional model always gets `cond` inputs: all-unknown when nothing is known.
@@ -102,22 +98,14 @@ pub fn sample<D: Denoiser + ?Sized>(
         let input = DenoiseInput {
             batch: n,
             x_t: &x_t,
-            x_self: if spec.self_conditioning {
-                &x_pred
-            } else {
-                &no_self_cond
-            },
+            x_self: if spec.self_conditioning { &x_pred } else { &no_self_cond },
             t: &t_batch,
             condition: known
                 .as_ref()
                 .filter(|_| method == ConditioningMethod::Trained)
-                .map(|k| Condition {
-                    cond: &k.bits,
-                    mask: &k.mask,
-                }),
+                .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        net.denoise(&input, &mut x0)
-            .map_err(SampleError::Denoiser)?;
+        net.denoise(&input, &mut x0).map_err(SampleError::Denoiser)?;
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
@@ -129,10 +117,8 @@ pub fn sample<D: Denoiser + ?Sized>(
         progress(step + 1, config.steps);
     }
 
-    let mut texts: Vec<Vec<u8>> = x_pred
-        .chunks_exact(spec.values_per_sequence())
-        .map(|x| spec.decode(x))
-        .collect();
+    let mut texts: Vec<Vec<u8>> =
+        x_pred.chunks_exact(spec.values_per_sequence()).map(|x| spec.decode(x)).collect();
     if let Some(k) = &known {
         k.restore(&mut texts);
     }
@@ -175,15 +161,10 @@ fn check(
         return Err(SampleError::Config("steps must be at least 1".into()));
     }
     if !(config.td.is_finite() && config.td >= 0.0) {
-        return Err(SampleError::Config(format!(
-            "td must be >= 0, got {}",
-            config.td
-        )));
+        return Err(SampleError::Config(format!("td must be >= 0, got {}", config.td)));
     }
     if n == 0 {
-        return Err(SampleError::Config(
-            "the number of samples must be at least 1".into(),
-        ));
+        return Err(SampleError::Config("the number of samples must be at least 1".into()));
     }
     if let Some(k) = known {
         if k.len() != n * spec.window {
@@ -221,15 +202,8 @@ impl KnownBits {
                 analog.encode_byte(*byte, chunk);
             }
         }
-        let mask = known
-            .iter()
-            .map(|b| if b.is_some() { 1.0 } else { 0.0 })
-            .collect();
-        KnownBits {
-            known: known.to_vec(),
-            bits,
-            mask,
-        }
+        let mask = known.iter().map(|b| if b.is_some() { 1.0 } else { 0.0 }).collect();
+        KnownBits { known: known.to_vec(), bits, mask }
     }
 
     /// Replacement conditioning: known positions of x_t become sqrt(g) x0 + sqrt(1 - g) z.

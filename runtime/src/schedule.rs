@@ -28,9 +28,7 @@ impl Schedule {
     pub fn gamma(self, t: f64) -> f64 {
         let t = t.clamp(0.0, 1.0);
         match self {
-            Schedule::Cosine => (((t + COSINE_NS) / (1.0 + COSINE_DS)) * FRAC_PI_2)
-                .cos()
-                .powi(2),
+            Schedule::Cosine => (((t + COSINE_NS) / (1.0 + COSINE_DS)) * FRAC_PI_2).cos().powi(2),
             Schedule::Sqrt => 1.0 - (SQRT_S + t * (1.0 - 2.0 * SQRT_S)).sqrt(),
             Schedule::Linear => GAMMA_MAX - (GAMMA_MAX - GAMMA_MIN) * t,
         }
@@ -49,10 +47,7 @@ mod tests {
             let mut last = f64::INFINITY;
             for i in 0..=10_000 {
                 let g = s.gamma(i as f64 / 10_000.0);
-                assert!(
-                    g.is_finite() && g > 0.0 && g < 1.0,
-                    "{s:?} gamma({i}/1e4) = {g}"
-                );
+                assert!(g.is_finite() && g > 0.0 && g < 1.0, "{s:?} gamma({i}/1e4) = {g}");
                 assert!(g < last, "{s:?} not decreasing at {i}/1e4");
                 last = g;
             }

@@ -61,10 +61,7 @@ pub enum SpecError {
 
 impl ModelSpec {
     pub fn analog_bits(&self) -> AnalogBits {
-        AnalogBits {
-            code: self.code,
-            scale: self.bit_scale,
-        }
+        AnalogBits { code: self.code, scale: self.bit_scale }
     }
 
     /// Bytes of one window's worth of analog bits, as a flat [L, K] length.
@@ -83,9 +80,7 @@ impl ModelSpec {
     /// Checks the invariants a sampler relies on.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.format_version != FORMAT_VERSION {
-            return Err(SpecError::Version {
-                found: self.format_version,
-            });
+            return Err(SpecError::Version { found: self.format_version });
         }
         let invalid = |m: &str| Err(SpecError::Invalid(m.into()));
         if self.bits != BITS {
@@ -109,13 +104,8 @@ impl ModelSpec {
     /// The spec as ONNX metadata_props: one `chardiff.<field>` key per field, its value in JSON.
     pub fn to_metadata(&self) -> Vec<(String, String)> {
         let value = serde_json::to_value(self).expect("a spec always serializes");
-        let serde_json::Value::Object(fields) = value else {
-            unreachable!("a spec is a struct")
-        };
-        fields
-            .into_iter()
-            .map(|(k, v)| (format!("{METADATA_PREFIX}{k}"), v.to_string()))
-            .collect()
+        let serde_json::Value::Object(fields) = value else { unreachable!("a spec is a struct") };
+        fields.into_iter().map(|(k, v)| (format!("{METADATA_PREFIX}{k}"), v.to_string())).collect()
     }
 
     /// Reads the spec back from metadata_props; keys without the prefix are ignored.
@@ -131,13 +121,9 @@ impl ModelSpec {
             }
         }
         let version = fields.get("format_version").ok_or(SpecError::Missing)?;
-        let found = version
-            .as_u64()
-            .ok_or_else(|| SpecError::Invalid("format_version".into()))?;
+        let found = version.as_u64().ok_or_else(|| SpecError::Invalid("format_version".into()))?;
         if found != u64::from(FORMAT_VERSION) {
-            return Err(SpecError::Version {
-                found: found as u32,
-            });
+            return Err(SpecError::Version { found: found as u32 });
         }
         let spec: ModelSpec = serde_json::from_value(serde_json::Value::Object(fields))
             .map_err(|e| SpecError::Invalid(e.to_string()))?;

@@ -19,9 +19,7 @@ impl Denoiser for Alphabet {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        let c = input
-            .condition
-            .expect("a conditional model always gets a condition");
+        let c = input.condition.expect("a conditional model always gets a condition");
         let (l, k, bits) = (self.spec.window, self.spec.bits, self.spec.analog_bits());
         for b in 0..input.batch {
             let mut last: Option<(usize, u8)> = None;
@@ -43,19 +41,12 @@ impl Denoiser for Alphabet {
 }
 
 fn config() -> SamplerConfig {
-    SamplerConfig {
-        steps: 4,
-        td: 0.0,
-        rule: StepRule::Ddim,
-        seed: 1,
-    }
+    SamplerConfig { steps: 4, td: 0.0, rule: StepRule::Ddim, seed: 1 }
 }
 
 #[test]
 fn a_prompt_is_continued() {
-    let mut net = Alphabet {
-        spec: spec(10, true, Head::Bits),
-    };
+    let mut net = Alphabet { spec: spec(10, true, Head::Bits) };
     let known = prompt_known(&net.spec, "xy").unwrap();
     let out = sample(&mut net, &config(), 1, Some(&known), |_, _| {}).unwrap();
     assert_eq!(out[0], b"xyzabcdefg");
@@ -63,9 +54,7 @@ fn a_prompt_is_continued() {
 
 #[test]
 fn long_text_slides_seamlessly_across_windows() {
-    let mut net = Alphabet {
-        spec: spec(8, true, Head::Bits),
-    };
+    let mut net = Alphabet { spec: spec(8, true, Head::Bits) };
     let out = generate_long(&mut net, &config(), 2, "abc", 60, |_, _| {}).unwrap();
     let expected: Vec<u8> = (0..60).map(|i| b'a' + (i % 26) as u8).collect();
     assert_eq!(out, vec![expected.clone(), expected]);
@@ -75,9 +64,7 @@ fn long_text_slides_seamlessly_across_windows() {
 
 #[test]
 fn infill_templates_fill_each_gap_and_keep_the_rest() {
-    let mut net = Alphabet {
-        spec: spec(16, true, Head::Bits),
-    };
+    let mut net = Alphabet { spec: spec(16, true, Head::Bits) };
     let (known, len) = infill_known(&net.spec, "ab__ef\\_x_").unwrap();
     assert_eq!(len, 9);
     let out = sample(&mut net, &config(), 1, Some(&known), |_, _| {}).unwrap();
@@ -97,8 +84,6 @@ fn bad_prompts_and_templates_say_what_fits() {
     assert!(err(infill_known(&s, "a_\\").unwrap_err()).contains("lone"));
     assert!(err(infill_known(&s, "Q_").unwrap_err()).contains("'Q'"));
     let mut net = Alphabet { spec: s };
-    assert!(
-        err(generate_long(&mut net, &config(), 1, "abc", 3, |_, _| {}).unwrap_err())
-            .contains("nothing to generate")
-    );
+    assert!(err(generate_long(&mut net, &config(), 1, "abc", 3, |_, _| {}).unwrap_err())
+        .contains("nothing to generate"));
 }

@@ -9,26 +9,14 @@ mod common;
 use common::{spec, Oracle};
 
 fn config(steps: usize, td: f32, rule: StepRule) -> SamplerConfig {
-    SamplerConfig {
-        steps,
-        td,
-        rule,
-        seed: 7,
-    }
+    SamplerConfig { steps, td, rule, seed: 7 }
 }
 
 #[test]
 fn ddim_with_a_perfect_denoiser_returns_the_data_and_keeps_the_initial_noise() {
     let text = b"the quick brown fox.";
     let mut net = Oracle::new(spec(text.len(), false, Head::Bits), text);
-    let out = sample(
-        &mut net,
-        &config(20, 0.0, StepRule::Ddim),
-        1,
-        None,
-        |_, _| {},
-    )
-    .unwrap();
+    let out = sample(&mut net, &config(20, 0.0, StepRule::Ddim), 1, None, |_, _| {}).unwrap();
     assert_eq!(out, vec![text.to_vec()]);
 
     // Each DDIM step re-noises the exact x0 with the noise it implied: the initial draw.
@@ -46,14 +34,7 @@ fn ddim_with_a_perfect_denoiser_returns_the_data_and_keeps_the_initial_noise() {
 fn ddpm_with_a_perfect_denoiser_returns_the_data() {
     let text = b"hello, world.";
     let mut net = Oracle::new(spec(text.len(), false, Head::Softmax), text);
-    let out = sample(
-        &mut net,
-        &config(30, 1.0, StepRule::Ddpm),
-        3,
-        None,
-        |_, _| {},
-    )
-    .unwrap();
+    let out = sample(&mut net, &config(30, 1.0, StepRule::Ddpm), 3, None, |_, _| {}).unwrap();
     assert_eq!(out, vec![text.to_vec(); 3]);
 }
 
@@ -62,21 +43,11 @@ fn td_changes_the_trajectory() {
     let text = b"some text";
     let run = |td: f32| {
         let mut net = Oracle::new(spec(text.len(), false, Head::Bits), text);
-        sample(
-            &mut net,
-            &config(10, td, StepRule::Ddim),
-            1,
-            None,
-            |_, _| {},
-        )
-        .unwrap();
+        sample(&mut net, &config(10, td, StepRule::Ddim), 1, None, |_, _| {}).unwrap();
         net.seen
     };
     let (plain, shifted) = (run(0.0), run(2.0));
-    assert_eq!(
-        plain[0], shifted[0],
-        "the first call sees the same pure noise at t = 1"
-    );
+    assert_eq!(plain[0], shifted[0], "the first call sees the same pure noise at t = 1");
     // The network is told the same times, but the states differ: td moved them ahead.
     assert_eq!(plain[1].1, shifted[1].1);
     assert_ne!(plain[1].0, shifted[1].0);
@@ -87,10 +58,7 @@ fn same_seed_same_samples_other_seed_other_noise() {
     let text = b"abc";
     let go = |seed| {
         let mut net = Oracle::new(spec(3, false, Head::Bits), text);
-        let c = SamplerConfig {
-            seed,
-            ..config(5, 1.0, StepRule::Ddpm)
-        };
+        let c = SamplerConfig { seed, ..config(5, 1.0, StepRule::Ddpm) };
         sample(&mut net, &c, 2, None, |_, _| {}).unwrap();
         net.seen
     };
@@ -103,17 +71,9 @@ fn known_characters_come_back_exactly_with_both_methods() {
     let text = b"zzzzzzzz";
     for conditioning in [false, true] {
         let mut net = Oracle::new(spec(8, conditioning, Head::Bits), text);
-        let known: Vec<Option<u8>> = b"ab......"
-            .iter()
-            .map(|&b| (b != b'.').then_some(b))
-            .collect();
-        let out = sample(
-            &mut net,
-            &config(5, 0.0, StepRule::Ddim),
-            1,
-            Some(&known),
-            |_, _| {},
-        );
+        let known: Vec<Option<u8>> =
+            b"ab......".iter().map(|&b| (b != b'.').then_some(b)).collect();
+        let out = sample(&mut net, &config(5, 0.0, StepRule::Ddim), 1, Some(&known), |_, _| {});
         assert_eq!(out.unwrap()[0], b"abzzzzzz");
     }
 }
@@ -122,9 +82,7 @@ fn known_characters_come_back_exactly_with_both_methods() {
 fn bad_settings_and_unfit_known_characters_are_refused() {
     let mut net = Oracle::new(spec(4, false, Head::Bits), b"abcd");
     let bad = |net: &mut Oracle, c: SamplerConfig, n, known: Option<&[Option<u8>]>| {
-        sample(net, &c, n, known, |_, _| {})
-            .unwrap_err()
-            .to_string()
+        sample(net, &c, n, known, |_, _| {}).unwrap_err().to_string()
     };
     assert!(bad(&mut net, config(0, 0.0, StepRule::Ddim), 1, None).contains("steps"));
     assert!(bad(&mut net, config(5, -1.0, StepRule::Ddim), 1, None).contains("td"));
@@ -139,13 +97,6 @@ fn bad_settings_and_unfit_known_characters_are_refused() {
 fn progress_reports_every_step() {
     let mut net = Oracle::new(spec(2, false, Head::Bits), b"ab");
     let mut calls = vec![];
-    sample(
-        &mut net,
-        &config(4, 0.0, StepRule::Ddim),
-        1,
-        None,
-        |i, n| calls.push((i, n)),
-    )
-    .unwrap();
+    sample(&mut net, &config(4, 0.0, StepRule::Ddim), 1, None, |i, n| calls.push((i, n))).unwrap();
     assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
 }

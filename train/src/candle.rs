@@ -25,11 +25,7 @@ pub struct Params {
 
 impl Params {
     pub fn new(seed: u64, dtype: DType) -> Params {
-        Params {
-            vars: BTreeMap::new(),
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            dtype,
-        }
+        Params { vars: BTreeMap::new(), rng: ChaCha8Rng::seed_from_u64(seed), dtype }
     }
 
     /// Trainable copies of existing tensors (a checkpoint being resumed).
@@ -39,11 +35,7 @@ impl Params {
             .iter()
             .map(|(k, t)| Ok((k.clone(), Var::from_tensor(t)?)))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Params {
-            vars,
-            rng: ChaCha8Rng::seed_from_u64(0),
-            dtype,
-        })
+        Ok(Params { vars, rng: ChaCha8Rng::seed_from_u64(0), dtype })
     }
 
     /// Every parameter of the model, created in a fixed order by tracing it once.
@@ -66,15 +58,7 @@ impl Params {
                 None
             },
         };
-        model::forward(
-            &mut CandleOps {
-                params: &mut params,
-                dtype,
-            },
-            config,
-            spec,
-            inputs,
-        )?;
+        model::forward(&mut CandleOps { params: &mut params, dtype }, config, spec, inputs)?;
         Ok(params)
     }
 
@@ -84,10 +68,7 @@ impl Params {
 
     /// Copies of the current values, detached from training.
     pub fn snapshot(&self) -> candle_core::Result<BTreeMap<String, Tensor>> {
-        self.vars
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?.detach())))
-            .collect()
+        self.vars.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?.detach()))).collect()
     }
 }
 
@@ -99,9 +80,9 @@ impl ParamSource for Params {
         }
         let n: usize = shape.iter().product();
         let values: Vec<f32> = match init {
-            Init::Normal(std) => (0..n)
-                .map(|_| std * self.rng.sample::<f32, _>(StandardNormal))
-                .collect(),
+            Init::Normal(std) => {
+                (0..n).map(|_| std * self.rng.sample::<f32, _>(StandardNormal)).collect()
+            }
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
         };
@@ -270,16 +251,9 @@ pub struct CandleDenoiser {
 
 impl CandleDenoiser {
     pub fn forward(&self, input: &DenoiseInput<'_>) -> candle_core::Result<model::Outputs<Tensor>> {
-        let dtype = self
-            .weights
-            .values()
-            .next()
-            .map_or(DType::F32, Tensor::dtype);
+        let dtype = self.weights.values().next().map_or(DType::F32, Tensor::dtype);
         let inputs = input_tensors(&self.spec, input, dtype)?;
-        let mut ops = CandleOps {
-            params: &mut Frozen(&self.weights),
-            dtype,
-        };
+        let mut ops = CandleOps { params: &mut Frozen(&self.weights), dtype };
         model::forward(&mut ops, &self.config, &self.spec, inputs)
     }
 }
@@ -291,11 +265,7 @@ impl Denoiser for CandleDenoiser {
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
         let out = self.forward(input)?;
-        let values = out
-            .x0
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let values = out.x0.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         x0.copy_from_slice(&values);
         Ok(())
     }

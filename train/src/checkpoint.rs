@@ -28,10 +28,7 @@ pub enum CheckpointError {
     #[error("{dir} is not a chardiff run directory: {file} is missing")]
     Missing { dir: PathBuf, file: &'static str },
     #[error("cannot read or write {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is invalid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -48,10 +45,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointError> {
     let text = serde_json::to_string_pretty(value).expect("settings always serialize");
-    write_atomic(path, text.as_bytes()).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    write_atomic(path, text.as_bytes())
+        .map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })
 }
 
 pub fn read_json<T: DeserializeOwned>(
@@ -61,20 +56,12 @@ pub fn read_json<T: DeserializeOwned>(
     let path = dir.join(file);
     let text = match std::fs::read_to_string(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::Missing {
-                dir: dir.to_path_buf(),
-                file,
-            })
+            return Err(CheckpointError::Missing { dir: dir.to_path_buf(), file })
         }
-        other => other.map_err(|source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        })?,
+        other => other.map_err(|source| CheckpointError::Io { path: path.clone(), source })?,
     };
-    serde_json::from_str(&text).map_err(|e| CheckpointError::Invalid {
-        path,
-        message: e.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map_err(|e| CheckpointError::Invalid { path, message: e.to_string() })
 }
 
 /// The saved state of a run.
@@ -92,10 +79,8 @@ impl Checkpoint {
         };
         let bytes =
             safetensors::serialize(&self.tensors, Some(self.metadata.clone())).map_err(invalid)?;
-        write_atomic(&path, &bytes).map_err(|source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        })
+        write_atomic(&path, &bytes)
+            .map_err(|source| CheckpointError::Io { path: path.clone(), source })
     }
 
     pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
@@ -107,15 +92,9 @@ impl Checkpoint {
                     file: CHECKPOINT_FILE,
                 })
             }
-            other => other.map_err(|source| CheckpointError::Io {
-                path: path.clone(),
-                source,
-            })?,
+            other => other.map_err(|source| CheckpointError::Io { path: path.clone(), source })?,
         };
-        let invalid = |message: String| CheckpointError::Invalid {
-            path: path.clone(),
-            message,
-        };
+        let invalid = |message: String| CheckpointError::Invalid { path: path.clone(), message };
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
@@ -149,22 +128,14 @@ impl TrainedModel {
         let config: ModelConfig = read_json(dir, MODEL_FILE)?;
         let checkpoint = Checkpoint::load(dir)?;
         let ema = checkpoint.group(EMA);
-        let weights = if ema.is_empty() {
-            checkpoint.group(PARAMS)
-        } else {
-            ema
-        };
+        let weights = if ema.is_empty() { checkpoint.group(PARAMS) } else { ema };
         if weights.is_empty() {
             return Err(CheckpointError::Invalid {
                 path: dir.join(CHECKPOINT_FILE),
                 message: "it holds no model weights".into(),
             });
         }
-        Ok(TrainedModel {
-            spec,
-            config,
-            weights,
-        })
+        Ok(TrainedModel { spec, config, weights })
     }
 
     pub fn denoiser(self) -> crate::candle::CandleDenoiser {

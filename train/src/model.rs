@@ -36,10 +36,7 @@ impl ModelConfig {
             ));
         }
         if self.dim % 2 != 0 {
-            return Err(format!(
-                "dim ({}) must be even (sin and cos time features)",
-                self.dim
-            ));
+            return Err(format!("dim ({}) must be even (sin and cos time features)", self.dim));
         }
         if self.layers == 0 || self.ffn == 0 {
             return Err("layers and ffn must be at least 1".into());
@@ -133,23 +130,14 @@ pub fn forward<O: Ops>(
     }
     let h = layer_norm(o, "final_ln", &h, d)?;
     match spec.head {
-        Head::Bits => Ok(Outputs {
-            x0: linear(o, "head", &h, d, k, 0.02)?,
-            logits: None,
-        }),
+        Head::Bits => Ok(Outputs { x0: linear(o, "head", &h, d, k, 0.02)?, logits: None }),
         Head::Softmax => {
             let v = spec.charset.len();
             let logits = linear(o, "head", &h, d, v, 0.02)?;
             let p = o.softmax(&logits)?;
-            let codes = o.constant(
-                "charset_codes",
-                &[v, k],
-                spec.analog_bits().codes(&spec.charset),
-            )?;
-            Ok(Outputs {
-                x0: o.matmul(&p, &codes)?,
-                logits: Some(logits),
-            })
+            let codes =
+                o.constant("charset_codes", &[v, k], spec.analog_bits().codes(&spec.charset))?;
+            Ok(Outputs { x0: o.matmul(&p, &codes)?, logits: Some(logits) })
         }
     }
 }
@@ -184,11 +172,7 @@ fn block<O: Ops>(
 
     let a = layer_norm(o, &format!("{name}.ln1"), h, d)?;
     let qkv = linear(o, &format!("{name}.attn.qkv"), &a, d, 3 * d, 0.02)?;
-    let [q, k, v]: [O::T; 3] = o
-        .split(&qkv, &[d, d, d])?
-        .try_into()
-        .ok()
-        .expect("three parts");
+    let [q, k, v]: [O::T; 3] = o.split(&qkv, &[d, d, d])?.try_into().ok().expect("three parts");
     let split_heads = |o: &mut O, x: &O::T, perm: &[usize]| {
         let x = o.reshape(x, &[l, heads, dh])?;
         o.transpose(&x, perm)

@@ -41,12 +41,7 @@ impl AdamW {
                 .map(|(k, v)| Ok((k.clone(), v.as_tensor().zeros_like()?)))
                 .collect()
         };
-        Ok(AdamW {
-            config,
-            step: 0,
-            m: zeros()?,
-            v: zeros()?,
-        })
+        Ok(AdamW { config, step: 0, m: zeros()?, v: zeros()? })
     }
 
     /// One update at learning rate `lr`. Fails, changing nothing, when a gradient is not finite.
@@ -60,19 +55,13 @@ impl AdamW {
         let mut found = Vec::with_capacity(params.vars().len());
         for (name, var) in params.vars() {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 found.push((name, var, g));
             }
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
-            return Err(candle_core::Error::Msg(format!(
-                "gradient norm is {grad_norm}"
-            )));
+            return Err(candle_core::Error::Msg(format!("gradient norm is {grad_norm}")));
         }
         let c = &self.config;
         let clip = if c.clip_norm > 0.0 && grad_norm > c.clip_norm {
@@ -112,10 +101,7 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(target: f64, params: &Params) -> candle_core::Result<Ema> {
-        Ok(Ema {
-            target,
-            weights: params.snapshot()?,
-        })
+        Ok(Ema { target, weights: params.snapshot()? })
     }
 
     /// Folds in the weights after update number `k` (1-based).

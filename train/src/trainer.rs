@@ -124,7 +124,7 @@ impl TrainConfig {
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.val_batches == 0 {
             return bad(
-                "eval and checkpoint intervals and validation batches must be at least 1".into(),
+                "eval and checkpoint intervals and validation batches must be at least 1".into()
             );
         }
         Ok(())
@@ -260,10 +260,8 @@ impl Trainer {
         let params = Params::initialized(config.seed, dtype, &model, &spec)?;
         let optim = AdamW::new(adam_config(&config), &params)?;
         let ema = Ema::new(config.ema_decay, &params)?;
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
         checkpoint::write_json(&dir.join(checkpoint::MODEL_FILE), &model)?;
         checkpoint::write_json(&dir.join(checkpoint::TRAIN_FILE), &config)?;
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -309,24 +307,15 @@ impl Trainer {
             })
         };
         let number = |key: &str| -> Result<u128, TrainError> {
-            meta(key)?
-                .parse()
-                .map_err(|_| TrainError::Config(format!("bad `{key}` in checkpoint")))
+            meta(key)?.parse().map_err(|_| TrainError::Config(format!("bad `{key}` in checkpoint")))
         };
         let params = Params::from_tensors(&saved.group(PARAMS))?;
-        let dtype = params
-            .vars()
-            .values()
-            .next()
-            .map_or(DType::F32, |v| v.dtype());
+        let dtype = params.vars().values().next().map_or(DType::F32, |v| v.dtype());
         let mut optim = AdamW::new(adam_config(&config), &params)?;
         optim.step = number("step")? as u64;
         optim.m = saved.group(ADAM_M);
         optim.v = saved.group(ADAM_V);
-        let ema = Ema {
-            target: config.ema_decay,
-            weights: saved.group(EMA),
-        };
+        let ema = Ema { target: config.ema_decay, weights: saved.group(EMA) };
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_word_pos(number("rng_word_pos")?);
         let seconds = meta("seconds")?.parse().unwrap_or(0.0);
@@ -382,11 +371,7 @@ impl Trainer {
             step: self.step(),
             params: self.parameter_count(),
             charset: self.spec.charset.len(),
-            split: [
-                self.corpus.train.len(),
-                self.corpus.valid.len(),
-                self.corpus.test.len(),
-            ],
+            split: [self.corpus.train.len(), self.corpus.valid.len(), self.corpus.test.len()],
         });
         let tokens_per_step = (self.config.batch * self.config.window) as f64;
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
@@ -394,13 +379,8 @@ impl Trainer {
             let started = Instant::now();
             let step = self.step();
             let batch = self.training_batch()?;
-            let loss = batch_loss(
-                &self.spec,
-                &self.model,
-                self.config.loss,
-                &mut self.params,
-                &batch,
-            )?;
+            let loss =
+                batch_loss(&self.spec, &self.model, self.config.loss, &mut self.params, &batch)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(TrainError::Diverged {
@@ -412,10 +392,7 @@ impl Trainer {
             let lr = self.config.learning_rate(step);
             self.optim
                 .update(&self.params, &grads, lr)
-                .map_err(|e| TrainError::Diverged {
-                    step: step + 1,
-                    what: e.to_string(),
-                })?;
+                .map_err(|e| TrainError::Diverged { step: step + 1, what: e.to_string() })?;
             self.ema.update(self.step(), &self.params)?;
             let elapsed = started.elapsed().as_secs_f64();
             self.seconds += elapsed;
@@ -447,13 +424,8 @@ impl Trainer {
         let mut total = 0.0;
         for i in 0..self.val.len() {
             let weights = &mut Frozen(&self.ema.weights);
-            let loss = batch_loss(
-                &self.spec,
-                &self.model,
-                self.config.loss,
-                weights,
-                &self.val[i],
-            )?;
+            let loss =
+                batch_loss(&self.spec, &self.model, self.config.loss, weights, &self.val[i])?;
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
         let samples = if self.config.eval_samples > 0 {
@@ -464,17 +436,11 @@ impl Trainer {
                 seed: 0,
             };
             let mut net = self.denoiser();
-            sample(
-                &mut net,
-                &sampler,
-                self.config.eval_samples,
-                None,
-                |_, _| {},
-            )
-            .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?
-            .iter()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect()
+            sample(&mut net, &sampler, self.config.eval_samples, None, |_, _| {})
+                .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
         } else {
             vec![]
         };
@@ -488,15 +454,9 @@ impl Trainer {
         };
         let path = self.dir.join(checkpoint::METRICS_FILE);
         let line = serde_json::to_string(&record).expect("records serialize");
-        let io = |source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
+        let io = |source| CheckpointError::Io { path: path.clone(), source };
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
         writeln!(file, "{line}").map_err(io)?;
         Ok(record)
     }
@@ -508,21 +468,16 @@ impl Trainer {
         for (name, var) in self.params.vars() {
             tensors.insert(format!("{PARAMS}{name}"), var.as_tensor().clone());
         }
-        for (prefix, group) in [
-            (EMA, &self.ema.weights),
-            (ADAM_M, &self.optim.m),
-            (ADAM_V, &self.optim.v),
-        ] {
+        for (prefix, group) in
+            [(EMA, &self.ema.weights), (ADAM_M, &self.optim.m), (ADAM_V, &self.optim.v)]
+        {
             for (name, t) in group {
                 tensors.insert(format!("{prefix}{name}"), t.clone());
             }
         }
         let metadata = HashMap::from([
             ("step".to_string(), self.step().to_string()),
-            (
-                "rng_word_pos".to_string(),
-                self.rng.get_word_pos().to_string(),
-            ),
+            ("rng_word_pos".to_string(), self.rng.get_word_pos().to_string()),
             ("seconds".to_string(), self.seconds.to_string()),
         ]);
         Checkpoint { tensors, metadata }.save(&self.dir)?;
@@ -577,10 +532,7 @@ fn batch_loss(
     batch: &Batch,
 ) -> Result<Tensor, TrainError> {
     let b = spec.bit_scale as f64;
-    let mut ops = CandleOps {
-        params,
-        dtype: batch.x0.dtype(),
-    };
+    let mut ops = CandleOps { params, dtype: batch.x0.dtype() };
     let zeros = batch.x0.zeros_like()?;
     let inputs = |x_self: Tensor| model::Inputs {
         x_t: batch.x_t.clone(),
@@ -604,10 +556,7 @@ fn batch_loss(
             (picked.broadcast_mul(&batch.weight)?.sum_all()?.neg()? / counted)?
         }
         _ => {
-            let sq = (out.x0 - &batch.x0)?
-                .sqr()?
-                .broadcast_mul(&batch.weight)?
-                .sum_all()?;
+            let sq = (out.x0 - &batch.x0)?.sqr()?.broadcast_mul(&batch.weight)?.sum_all()?;
             (sq / (counted * spec.bits as f64)?)?
         }
     };
@@ -645,29 +594,20 @@ fn make_batch(
     let x0 = spec.analog_bits().encode(text);
     let t: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
     let mut x_t = vec![0.0f32; x0.len()];
-    for (i, (x, clean)) in x_t
-        .chunks_exact_mut(l * k)
-        .zip(x0.chunks_exact(l * k))
-        .enumerate()
-    {
+    for (i, (x, clean)) in x_t.chunks_exact_mut(l * k).zip(x0.chunks_exact(l * k)).enumerate() {
         let g = spec.schedule.gamma(f64::from(t[i])) as f32;
         for (x, c) in x.iter_mut().zip(clean) {
             *x = g.sqrt() * c + (1.0 - g).sqrt() * rng.sample::<f32, _>(StandardNormal);
         }
     }
     let known: Vec<f32> = if spec.conditioning {
-        (0..n)
-            .flat_map(|_| known_positions(l, rng))
-            .map(f32::from)
-            .collect()
+        (0..n).flat_map(|_| known_positions(l, rng)).map(f32::from).collect()
     } else {
         vec![0.0; n * l]
     };
     let weight: Vec<f32> = known.iter().map(|m| 1.0 - m).collect();
-    let targets: Vec<u32> = text
-        .iter()
-        .map(|&c| spec.charset.index_of(c).map_or(0, |i| i as u32))
-        .collect();
+    let targets: Vec<u32> =
+        text.iter().map(|&c| spec.charset.index_of(c).map_or(0, |i| i as u32)).collect();
     let dev = &Device::Cpu;
     let tensor = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, dev)?.to_dtype(dtype);
     let condition = if spec.conditioning {
@@ -676,18 +616,12 @@ fn make_batch(
             .zip(&known)
             .flat_map(|(bits, &m)| bits.iter().map(move |b| b * m))
             .collect();
-        Some((
-            tensor(cond, &[n, l, k])?,
-            tensor(known.clone(), &[n, l, 1])?,
-        ))
+        Some((tensor(cond, &[n, l, k])?, tensor(known.clone(), &[n, l, 1])?))
     } else {
         None
     };
     let self_cond = if self_cond.iter().any(|&s| s) {
-        Some(tensor(
-            self_cond.iter().map(|&s| f32::from(u8::from(s))).collect(),
-            &[n, 1, 1],
-        )?)
+        Some(tensor(self_cond.iter().map(|&s| f32::from(u8::from(s))).collect(), &[n, 1, 1])?)
     } else {
         None
     };
@@ -781,9 +715,6 @@ mod tests {
             assert!(k.iter().any(|&m| m == 0));
             kinds.insert((k[0], k[11], k.iter().filter(|&&m| m == 1).count() == 0));
         }
-        assert!(
-            kinds.len() >= 4,
-            "prefixes, suffixes, spans and nothing all occur: {kinds:?}"
-        );
+        assert!(kinds.len() >= 4, "prefixes, suffixes, spans and nothing all occur: {kinds:?}");
     }
 }

@@ -34,9 +34,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n)
-        .map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0))
-        .collect();
+    let v: Vec<f64> = (0..n).map(|_| scale * (rng.random::<f64>() * 2.0 - 1.0)).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -48,13 +46,8 @@ fn objective(
     inputs: &[Tensor],
     probes: &[Tensor],
 ) -> Tensor {
-    let mut ops = CandleOps {
-        params,
-        dtype: DType::F64,
-    };
-    let condition = spec
-        .conditioning
-        .then(|| (inputs[3].clone(), inputs[4].clone()));
+    let mut ops = CandleOps { params, dtype: DType::F64 };
+    let condition = spec.conditioning.then(|| (inputs[3].clone(), inputs[4].clone()));
     let x = model::Inputs {
         x_t: inputs[0].clone(),
         x_self: inputs[1].clone(),
@@ -70,13 +63,7 @@ fn objective(
 }
 
 fn check(head: Head, conditioning: bool, activation: Activation) {
-    let config = ModelConfig {
-        dim: 8,
-        layers: 2,
-        heads: 2,
-        ffn: 12,
-        activation,
-    };
+    let config = ModelConfig { dim: 8, layers: 2, heads: 2, ffn: 12, activation };
     let spec = spec(head, conditioning);
     let (b, l, k, v) = (2, spec.window, spec.bits, spec.charset.len());
     let mut params = Params::initialized(3, DType::F64, &config, &spec).unwrap();
@@ -98,19 +85,11 @@ fn check(head: Head, conditioning: bool, activation: Activation) {
         random(&mut rng, &[b, l, k], 1.0),
         mask,
     ];
-    let probes = [
-        random(&mut rng, &[b, l, k], 1.0),
-        random(&mut rng, &[b, l, v], 1.0),
-    ];
+    let probes = [random(&mut rng, &[b, l, k], 1.0), random(&mut rng, &[b, l, v], 1.0)];
 
-    let grads = objective(&mut params, &config, &spec, &inputs, &probes)
-        .backward()
-        .unwrap();
-    let vars: Vec<(String, candle_core::Var)> = params
-        .vars()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    let grads = objective(&mut params, &config, &spec, &inputs, &probes).backward().unwrap();
+    let vars: Vec<(String, candle_core::Var)> =
+        params.vars().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     let eps = 1e-6;
     for (name, var) in vars {
         let grad = grads
@@ -123,18 +102,12 @@ fn check(head: Head, conditioning: bool, activation: Activation) {
         let original = var.as_tensor().copy().unwrap();
         let values = original.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         // A few entries of every tensor, including the first and last.
-        let picks = [
-            0,
-            values.len() / 2,
-            values.len() - 1,
-            rng.random_range(0..values.len()),
-        ];
+        let picks = [0, values.len() / 2, values.len() - 1, rng.random_range(0..values.len())];
         for &i in &picks {
             let mut at = |delta: f64| {
                 let mut moved = values.clone();
                 moved[i] += delta;
-                var.set(&Tensor::from_vec(moved, original.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(moved, original.dims(), &Device::Cpu).unwrap()).unwrap();
                 let y = objective(&mut params, &config, &spec, &inputs, &probes)
                     .to_scalar::<f64>()
                     .unwrap();

@@ -47,7 +47,10 @@ fn stopping_and_resuming_is_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(x.tensors.len(), y.tensors.len());
     for (name, t) in &x.tensors {
         let u = &y.tensors[name];
-        let (p, q) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), u.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (p, q) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            u.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         assert!(p.iter().zip(&q).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
     }
 }
@@ -55,7 +58,14 @@ fn stopping_and_resuming_is_bit_identical_to_an_uninterrupted_run() {
 #[test]
 fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let wild = TrainConfig { lr: 1e9, warmup: 1, clip_norm: 0.0, head: Head::Bits, checkpoint_every: 1, ..config(500) };
+    let wild = TrainConfig {
+        lr: 1e9,
+        warmup: 1,
+        clip_norm: 0.0,
+        head: Head::Bits,
+        checkpoint_every: 1,
+        ..config(500)
+    };
     let err = Trainer::create(dir.path(), wild, model()).unwrap().run(|_| {}).unwrap_err();
     let TrainError::Diverged { step, .. } = err else { panic!("expected divergence, got {err}") };
     assert!(err.to_string().contains(&format!("step {step}")));

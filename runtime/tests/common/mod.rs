@@ -38,11 +38,7 @@ pub struct Oracle {
 impl Oracle {
     pub fn new(spec: ModelSpec, text: &[u8]) -> Oracle {
         let x0 = spec.analog_bits().encode(text);
-        Oracle {
-            spec,
-            x0,
-            seen: vec![],
-        }
+        Oracle { spec, x0, seen: vec![] }
     }
 }
 

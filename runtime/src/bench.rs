@@ -1,0 +1,97 @@
+//! Measurements of a denoiser's speed: per-step latency percentiles after warm-up, and the
+//! process' peak memory. Only measures; `chardiff bench` and the criterion benches report.
+
+use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
+use crate::sampler::gaussian;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLatency {
+    pub batch: usize,
+    pub iterations: usize,
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+}
+
+/// Runs `warmup` untimed then `iterations` timed network calls on a batch of noise.
+pub fn step_latency<D: Denoiser + ?Sized>(
+    net: &mut D,
+    batch: usize,
+    warmup: usize,
+    iterations: usize,
+) -> Result<StepLatency, BoxError> {
+    let spec = net.spec().clone();
+    let size = batch * spec.values_per_sequence();
+    let x_t = gaussian(&mut ChaCha8Rng::seed_from_u64(0), size);
+    let zeros = vec![0.0f32; size];
+    let mask = vec![0.0f32; batch * spec.window];
+    let t = vec![0.5f32; batch];
+    let input = DenoiseInput {
+        batch,
+        x_t: &x_t,
+        x_self: &zeros,
+        t: &t,
+        condition: spec.conditioning.then_some(Condition { cond: &zeros, mask: &mask }),
+    };
+    let mut x0 = vec![0.0f32; size];
+    for _ in 0..warmup {
+        net.denoise(&input, &mut x0)?;
+    }
+    let mut times = Vec::with_capacity(iterations);
+    for _ in 0..iterations.max(1) {
+        let start = Instant::now();
+        net.denoise(&input, &mut x0)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(StepLatency {
+        batch,
+        iterations: times.len(),
+        median_ms: percentile(&times, 0.5),
+        p10_ms: percentile(&times, 0.1),
+        p90_ms: percentile(&times, 0.9),
+    })
+}
+
+/// Linear interpolation between the closest ranks of sorted values.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// The process' peak resident memory (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(percentile(&v, 0.5), 3.0);
+        assert_eq!(percentile(&v, 0.1), 1.4);
+        assert_eq!(percentile(&v, 1.0), 5.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+
+    #[test]
+    fn peak_memory_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().unwrap() > 0);
+        }
+    }
+}
