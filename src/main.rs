@@ -49,6 +49,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Measure speed: model load, per-step latency per batch size, full sampling, peak memory.
     Bench(bench::BenchArgs),
+    /// Check that a device runs the model like the CPU does: max |x0| difference, identical text
+    /// for a fixed seed, and which operators fall back to the CPU.
+    Parity(bench::ParityArgs),
 }
 
 /// Which model and how to run its sampler.
@@ -131,6 +134,7 @@ fn main() {
         Command::Sample(args) => run_sample(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Parity(args) => bench::parity(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -189,8 +193,9 @@ fn run_sample(args: SampleArgs) -> Result<()> {
 mod bench {
     use super::SamplingFlags;
     use anyhow::Result;
-    use chardiff_runtime::bench::{peak_rss_bytes, step_latency, StepLatency};
+    use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
+    use chardiff_runtime::tract::{Device, TractDenoiser};
     use chardiff_runtime::Denoiser;
     use serde::Serialize;
     use std::time::Instant;
@@ -213,6 +218,51 @@ mod bench {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    }
+
+    #[derive(clap::Args)]
+    pub struct ParityArgs {
+        #[command(flatten)]
+        sampling: SamplingFlags,
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        batch: Vec<usize>,
+        /// Largest |x0| difference accepted.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f32,
+    }
+
+    /// The --device plan against the CPU plan of the same file.
+    pub fn parity(args: ParityArgs) -> Result<()> {
+        let (mut device, config) = args.sampling.load()?;
+        let path = args.sampling.model_path();
+        let mut cpu = TractDenoiser::load_on(&path, Device::Cpu)?;
+        println!("device plan: {:?}", device.device());
+        for (op, n) in device.plan_ops() {
+            println!("  {n:>4} x {op}");
+        }
+        let fallbacks = device.cpu_fallbacks();
+        println!(
+            "operators falling back to the CPU: {}",
+            if fallbacks.is_empty() { "none".to_string() } else { fallbacks.join(", ") }
+        );
+        let mut ok = true;
+        for (seed, &batch) in args.batch.iter().enumerate() {
+            let diff = max_x0_difference(&mut cpu, &mut device, batch, seed as u64)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let a = sample(&mut cpu, &config, batch, None, |_, _| {})?;
+            let b = sample(&mut device, &config, batch, None, |_, _| {})?;
+            let same = a == b;
+            ok &= same && diff <= args.tolerance;
+            println!(
+                "batch {batch:>5}: max |x0 diff| {diff:.2e}; {} steps, seed {}: text {}",
+                config.steps,
+                config.seed,
+                if same { "identical" } else { "DIFFERS" }
+            );
+        }
+        anyhow::ensure!(ok, "the {:?} plan does not match the CPU plan", device.device());
+        println!("parity: ok");
+        Ok(())
     }
 
     #[derive(Serialize)]
@@ -405,6 +455,7 @@ fn progress_bar(len: u64, what: &'static str) -> ProgressBar {
 }
 
 /// A line for the user: above the progress bar on a terminal, plain stderr in a pipe or a log.
+#[cfg(feature = "train")]
 fn say(bar: &ProgressBar, line: String) {
     if bar.is_hidden() {
         eprintln!("{line}");

@@ -3,7 +3,7 @@
 
 use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
 use crate::sampler::gaussian;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::time::Instant;
@@ -55,6 +55,36 @@ pub fn step_latency<D: Denoiser + ?Sized>(
         p10_ms: percentile(&times, 0.1),
         p90_ms: percentile(&times, 0.9),
     })
+}
+
+/// The largest |x0| difference between two denoisers of the same spec over one random batch:
+/// noisy x_t, clipped noisy x_self, random t and (for conditional models) random known positions.
+pub fn max_x0_difference<A: Denoiser + ?Sized, B: Denoiser + ?Sized>(
+    a: &mut A,
+    b: &mut B,
+    batch: usize,
+    seed: u64,
+) -> Result<f32, BoxError> {
+    let spec = a.spec().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let size = batch * spec.values_per_sequence();
+    let x_t = gaussian(&mut rng, size);
+    let x_self: Vec<f32> = gaussian(&mut rng, size).iter().map(|v| v.clamp(-1.0, 1.0)).collect();
+    let t: Vec<f32> = (0..batch).map(|_| rng.random()).collect();
+    let cond = gaussian(&mut rng, size);
+    let mask: Vec<f32> =
+        (0..batch * spec.window).map(|_| f32::from(rng.random::<bool>())).collect();
+    let input = DenoiseInput {
+        batch,
+        x_t: &x_t,
+        x_self: &x_self,
+        t: &t,
+        condition: spec.conditioning.then_some(Condition { cond: &cond, mask: &mask }),
+    };
+    let (mut x, mut y) = (vec![0.0; size], vec![0.0; size]);
+    a.denoise(&input, &mut x)?;
+    b.denoise(&input, &mut y)?;
+    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max))
 }
 
 /// Linear interpolation between the closest ranks of sorted values.

@@ -209,11 +209,12 @@ impl KnownBits {
     /// Replacement conditioning: known positions of x_t become sqrt(g) x0 + sqrt(1 - g) z.
     fn replace(&self, x_t: &mut [f32], g: f32, rng: &mut impl Rng) {
         let k = self.bits.len() / self.known.len();
-        for (i, known) in self.known.iter().enumerate() {
+        let chunks = x_t.chunks_exact_mut(k).zip(self.bits.chunks_exact(k));
+        for ((x, bits), known) in chunks.zip(&self.known) {
             if known.is_some() {
-                for j in i * k..(i + 1) * k {
+                for (x, b) in x.iter_mut().zip(bits) {
                     let z: f32 = rng.sample(StandardNormal);
-                    x_t[j] = g.sqrt() * self.bits[j] + (1.0 - g).sqrt() * z;
+                    *x = g.sqrt() * b + (1.0 - g).sqrt() * z;
                 }
             }
         }

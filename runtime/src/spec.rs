@@ -95,7 +95,10 @@ impl ModelSpec {
         if !(self.bit_scale.is_finite() && self.bit_scale > 0.0) {
             return invalid("bit_scale must be a positive number");
         }
-        if self.recommended_steps == 0 || !(self.recommended_td >= 0.0) {
+        if self.recommended_steps == 0
+            || !self.recommended_td.is_finite()
+            || self.recommended_td < 0.0
+        {
             return invalid("recommended steps must be > 0 and td >= 0");
         }
         Ok(())

@@ -101,6 +101,18 @@ impl TractDenoiser {
         self.fallback.as_deref()
     }
 
+    /// Operators of a CUDA plan that run on the CPU (with a sync on each side): everything but
+    /// GPU kernels, device syncs, inputs and constants. Empty for a CPU plan.
+    pub fn cpu_fallbacks(&self) -> Vec<String> {
+        if self.device != Device::Cuda {
+            return vec![];
+        }
+        let on_gpu = |op: &str| {
+            ["Cuda", "Gpu", "DeviceSync", "Source", "Const"].iter().any(|p| op.starts_with(p))
+        };
+        self.plan_ops().into_iter().map(|(op, _)| op).filter(|op| !on_gpu(op)).collect()
+    }
+
     /// Operator names of the prepared plan with how many nodes use each: on CUDA, the ones
     /// without a GPU prefix run on the CPU.
     pub fn plan_ops(&self) -> Vec<(String, usize)> {

@@ -29,13 +29,13 @@ pub enum Activation {
 
 impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.dim == 0 || self.heads == 0 || self.dim % self.heads != 0 {
+        if self.dim == 0 || self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return Err(format!(
                 "dim ({}) must be a positive multiple of heads ({})",
                 self.dim, self.heads
             ));
         }
-        if self.dim % 2 != 0 {
+        if !self.dim.is_multiple_of(2) {
             return Err(format!("dim ({}) must be even (sin and cos time features)", self.dim));
         }
         if self.layers == 0 || self.ffn == 0 {

@@ -116,7 +116,8 @@ impl TrainConfig {
         if self.loss == Loss::Xent && self.head != Head::Softmax {
             return bad("the cross-entropy loss needs the softmax head (--head softmax)".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.bit_scale > 0.0) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.lr) || !positive(f64::from(self.bit_scale)) {
             return bad("lr and bit scale must be positive".into());
         }
         if !(0.0..=1.0).contains(&self.self_cond_rate) || !(0.0..1.0).contains(&self.ema_decay) {
@@ -377,46 +378,44 @@ impl Trainer {
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
         while self.step() < stop {
             let started = Instant::now();
-            let step = self.step();
-            let batch = self.training_batch()?;
-            let loss =
-                batch_loss(&self.spec, &self.model, self.config.loss, &mut self.params, &batch)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(TrainError::Diverged {
-                    step: step + 1,
-                    what: format!("loss is {value}"),
-                });
-            }
-            let grads = loss.backward()?;
-            let lr = self.config.learning_rate(step);
-            self.optim
-                .update(&self.params, &grads, lr)
-                .map_err(|e| TrainError::Diverged { step: step + 1, what: e.to_string() })?;
-            self.ema.update(self.step(), &self.params)?;
+            let (loss, lr) = self.train_step()?;
             let elapsed = started.elapsed().as_secs_f64();
-            self.seconds += elapsed;
-            loss_sum += value;
+            loss_sum += loss;
             loss_count += 1;
             let step = self.step();
-            on_event(Event::Step {
-                step,
-                loss: value,
-                lr,
-                tokens_per_s: tokens_per_step / elapsed,
-            });
+            on_event(Event::Step { step, loss, lr, tokens_per_s: tokens_per_step / elapsed });
             let last = step == stop;
-            if step % self.config.eval_every == 0 || last {
+            if step.is_multiple_of(self.config.eval_every) || last {
                 let record = self.evaluate(loss_sum / loss_count as f64)?;
                 on_event(Event::Eval(&record));
                 (loss_sum, loss_count) = (0.0, 0);
             }
-            if step % self.config.checkpoint_every == 0 || last {
+            if step.is_multiple_of(self.config.checkpoint_every) || last {
                 self.save()?;
                 on_event(Event::Checkpoint { step });
             }
         }
         Ok(())
+    }
+
+    /// One optimizer step on a fresh batch (and the EMA update); returns the loss and the
+    /// learning rate used. A non-finite loss or gradient stops with `Diverged`, changing nothing.
+    pub fn train_step(&mut self) -> Result<(f64, f64), TrainError> {
+        let started = Instant::now();
+        let step = self.step();
+        let batch = self.training_batch()?;
+        let loss = batch_loss(&self.spec, &self.model, self.config.loss, &mut self.params, &batch)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let diverged = |what: String| TrainError::Diverged { step: step + 1, what };
+        if !value.is_finite() {
+            return Err(diverged(format!("loss is {value}")));
+        }
+        let grads = loss.backward()?;
+        let lr = self.config.learning_rate(step);
+        self.optim.update(&self.params, &grads, lr).map_err(|e| diverged(e.to_string()))?;
+        self.ema.update(self.step(), &self.params)?;
+        self.seconds += started.elapsed().as_secs_f64();
+        Ok((value, lr))
     }
 
     /// Validation loss of the EMA weights, a few samples, one line in metrics.jsonl.
@@ -510,7 +509,7 @@ impl Trainer {
     /// Fixed validation batches: same windows, times, noise and conditions at every evaluation;
     /// self-conditioned like sampling.
     fn validation_batches(&self) -> Result<Vec<Batch>, TrainError> {
-        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_0f_7a11);
+        let mut rng = ChaCha8Rng::seed_from_u64(0x005e_ed0f_7a11);
         let (window, batch) = (self.config.window, self.config.batch);
         let self_cond = vec![self.spec.self_conditioning; batch];
         (0..self.config.val_batches)
@@ -712,7 +711,7 @@ mod tests {
         let mut kinds = std::collections::HashSet::new();
         for _ in 0..2000 {
             let k = known_positions(12, &mut rng);
-            assert!(k.iter().any(|&m| m == 0));
+            assert!(k.contains(&0));
             kinds.insert((k[0], k[11], k.iter().filter(|&&m| m == 1).count() == 0));
         }
         assert!(kinds.len() >= 4, "prefixes, suffixes, spans and nothing all occur: {kinds:?}");

@@ -1,0 +1,66 @@
+//! Criterion benches: one denoising step of the shipped model per batch size (tract, CPU, f32),
+//! the full sampling loop, and one training step of the same architecture (candle).
+//! `cargo bench --bench denoise`; `chardiff bench` reports the same step figures from the CLI.
+
+use chardiff_runtime::bench::step_latency;
+use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::tract::TractDenoiser;
+use chardiff_runtime::Denoiser;
+use chardiff_train::{Activation, ModelConfig, TrainConfig, Trainer};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::path::Path;
+
+fn model() -> TractDenoiser {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx");
+    TractDenoiser::load(&path).expect("the shipped model loads")
+}
+
+fn step(c: &mut Criterion) {
+    let mut net = model();
+    let window = net.spec().window as u64;
+    let mut group = c.benchmark_group("step");
+    for batch in [1usize, 8, 64] {
+        group.throughput(Throughput::Elements(batch as u64 * window));
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| step_latency(&mut net, batch, 0, 1).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn full_sample(c: &mut Criterion) {
+    let mut net = model();
+    let config = SamplerConfig { steps: 50, td: 1.0, rule: StepRule::Ddim, seed: 0 };
+    let mut group = c.benchmark_group("sample_50_steps");
+    group.sample_size(10);
+    for batch in [1usize, 8] {
+        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| sample(&mut net, &config, batch, None, |_, _| {}).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        corpus: Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/garden.txt"),
+        window: 96,
+        batch: 16,
+        steps: u64::MAX,
+        ..TrainConfig::default()
+    };
+    let model =
+        ModelConfig { dim: 128, layers: 4, heads: 4, ffn: 512, activation: Activation::Silu };
+    let mut trainer = Trainer::create(dir.path(), config, model).unwrap();
+    let mut group = c.benchmark_group("train_step");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(16 * 96));
+    group.bench_function("dim128_layers4_batch16_window96", |b| {
+        b.iter(|| trainer.train_step().unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, step, full_sample, train_step);
+criterion_main!(benches);
