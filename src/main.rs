@@ -628,10 +628,13 @@ mod train {
                 bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
             }
             Event::Eval(r) => {
+                let words = r.quality.as_ref().map_or(String::new(), |q| {
+                    format!("  words {:.1}%  entropy {:.2}", 100.0 * q.word_rate, q.char_entropy)
+                });
                 say(
                     &bar,
                     format!(
-                        "step {:>7}  train {:.4}  val {:.4}  {:.0}s",
+                        "step {:>7}  train {:.4}  val {:.4}{words}  {:.0}s",
                         r.step, r.train_loss, r.val_loss, r.seconds
                     ),
                 );

@@ -2,7 +2,7 @@
 //! words found in the training text's vocabulary, character entropy, repetition and diversity.
 
 use crate::bits::Charset;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
 /// Lower-cased words of a text: maximal runs of alphabetic characters.
@@ -24,7 +24,7 @@ pub fn interior_words(sample: &str) -> Vec<String> {
     all[1..all.len() - 1].to_vec()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
     pub samples: usize,
     /// Share of interior words found in the vocabulary (0..1).

@@ -7,6 +7,7 @@ use crate::model::{self, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig, Ema};
 use candle_core::{DType, Device, Tensor, D};
 use chardiff_runtime::corpus::{Corpus, CorpusError, Preprocess};
+use chardiff_runtime::metrics::{quality, vocabulary, Quality};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Head, ModelSpec, Schedule, BITS};
@@ -14,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -185,6 +186,8 @@ pub struct EvalRecord {
     pub seconds: f64,
     pub tokens: u64,
     pub samples: Vec<String>,
+    /// `metrics::quality` of the samples against the train split (absent without samples).
+    pub quality: Option<Quality>,
 }
 
 /// One training or validation batch, all as tensors of the working dtype.
@@ -214,6 +217,8 @@ pub struct Trainer {
     ema: Ema,
     rng: ChaCha8Rng,
     val: Vec<Batch>,
+    /// Words of the train split, for the samples' word rate.
+    vocabulary: HashSet<String>,
     seconds: f64,
 }
 
@@ -269,6 +274,7 @@ impl Trainer {
         let mut trainer = Trainer {
             dir: dir.to_path_buf(),
             val: Vec::new(),
+            vocabulary: HashSet::new(),
             config,
             model,
             spec,
@@ -281,6 +287,7 @@ impl Trainer {
             seconds: 0.0,
         };
         trainer.val = trainer.validation_batches()?;
+        trainer.vocabulary = vocabulary(&String::from_utf8_lossy(&trainer.corpus.train));
         trainer.save()?;
         Ok(trainer)
     }
@@ -323,6 +330,7 @@ impl Trainer {
         let mut trainer = Trainer {
             dir: dir.to_path_buf(),
             val: Vec::new(),
+            vocabulary: HashSet::new(),
             config,
             model,
             spec,
@@ -335,6 +343,7 @@ impl Trainer {
             seconds,
         };
         trainer.val = trainer.validation_batches()?;
+        trainer.vocabulary = vocabulary(&String::from_utf8_lossy(&trainer.corpus.train));
         Ok(trainer)
     }
 
@@ -427,7 +436,8 @@ impl Trainer {
                 batch_loss(&self.spec, &self.model, self.config.loss, weights, &self.val[i])?;
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         }
-        let samples = if self.config.eval_samples > 0 {
+        let mut samples = vec![];
+        if self.config.eval_samples > 0 {
             let sampler = SamplerConfig {
                 steps: self.config.sample_steps,
                 td: self.config.sample_td,
@@ -435,14 +445,12 @@ impl Trainer {
                 seed: 0,
             };
             let mut net = self.denoiser();
-            sample(&mut net, &sampler, self.config.eval_samples, None, |_, _| {})
-                .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?
-                .iter()
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect()
-        } else {
-            vec![]
-        };
+            samples = sample(&mut net, &sampler, self.config.eval_samples, None, |_, _| {})
+                .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?;
+        }
+        let quality = (!samples.is_empty())
+            .then(|| quality(&samples, &self.vocabulary, &self.corpus.charset));
+        let samples = samples.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
         let record = EvalRecord {
             step: self.step(),
             train_loss,
@@ -450,6 +458,7 @@ impl Trainer {
             seconds: self.seconds,
             tokens: self.step() * (self.config.batch * self.config.window) as u64,
             samples,
+            quality,
         };
         let path = self.dir.join(checkpoint::METRICS_FILE);
         let line = serde_json::to_string(&record).expect("records serialize");
