@@ -158,7 +158,8 @@ fn run_sample(args: SampleArgs) -> Result<()> {
         let windows =
             1 + length.saturating_sub(spec.window).div_ceil(spec.window - spec.window / 2);
         let bar = progress_bar((windows * config.steps) as u64, "denoising");
-        let texts = generate::generate_long(&mut net, &config, args.n, &prompt, length, |i, _| {
+        let prompts = vec![prompt.as_str(); args.n];
+        let texts = generate::generate_long(&mut net, &config, &prompts, length, |i, _| {
             bar.set_position(i as u64)
         })?;
         bar.finish_and_clear();
@@ -349,7 +350,8 @@ mod eval {
     use super::{enum_arg, progress_bar, SamplingFlags};
     use anyhow::{Context, Result};
     use chardiff_runtime::corpus::{Corpus, Preprocess};
-    use chardiff_runtime::metrics::{quality, vocabulary, Quality};
+    use chardiff_runtime::generate;
+    use chardiff_runtime::metrics::{quality, seam_quality, vocabulary, Quality};
     use chardiff_runtime::sampler::sample;
     use chardiff_runtime::Denoiser;
     use std::path::PathBuf;
@@ -373,9 +375,19 @@ mod eval {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Measure conditional generation instead, on validation windows: prefix (the first half
+        /// known), infill (the middle third generated) or long (--length bytes from a prefix).
+        #[arg(long, value_parser = ["prefix", "infill", "long"], conflicts_with = "samples")]
+        condition: Option<String>,
+        /// Text length for --condition long.
+        #[arg(long, default_value_t = 1024)]
+        length: usize,
     }
 
     pub fn run(args: EvalArgs) -> Result<()> {
+        if let Some(mode) = &args.condition {
+            return seams(&args, mode);
+        }
         let (samples, source) = match &args.samples {
             Some(path) => {
                 let text = std::fs::read(path)
@@ -419,6 +431,67 @@ mod eval {
         } else {
             println!("{source}");
             print_table(&[("samples", &scored), ("validation windows", &real)]);
+        }
+        Ok(())
+    }
+
+    /// Word rates of generated spans and of the words straddling their boundaries.
+    fn seams(args: &EvalArgs, mode: &str) -> Result<()> {
+        let (mut net, config) = args.sampling.load()?;
+        let spec = net.spec().clone();
+        let (window, half) = (spec.window, spec.window / 2);
+        let corpus = Corpus::load(&args.corpus, args.preprocess, window)
+            .with_context(|| format!("loading corpus {}", args.corpus.display()))?;
+        let vocab = vocabulary(&String::from_utf8_lossy(&corpus.train));
+        let valid = &corpus.valid;
+        let windows: Vec<&[u8]> = (0..args.n)
+            .map(|i| i * (valid.len() - window) / args.n)
+            .map(|start| &valid[start..start + window])
+            .collect();
+        let bar = progress_bar(config.steps as u64, "sampling");
+        let progress = |i: usize, _| bar.set_position(i as u64);
+        let texts: Vec<(Vec<u8>, Vec<u8>)> = match mode {
+            "long" => {
+                let prompts = windows
+                    .iter()
+                    .map(|w| std::str::from_utf8(&w[..half]))
+                    .collect::<Result<Vec<&str>, _>>()
+                    .context("a validation prompt splits a UTF-8 character: try another -n")?;
+                let texts =
+                    generate::generate_long(&mut net, &config, &prompts, args.length, progress)?;
+                let origins = generate::long_origins(window, half, args.length);
+                texts.into_iter().map(|t| (t, origins.clone())).collect()
+            }
+            _ => {
+                let known_at = |i: usize| match mode {
+                    "prefix" => i < half,
+                    _ => i < window / 3 || i >= 2 * window / 3,
+                };
+                let known: Vec<Option<u8>> = windows
+                    .iter()
+                    .flat_map(|w| w.iter().enumerate().map(|(i, &b)| known_at(i).then_some(b)))
+                    .collect();
+                let origins: Vec<u8> = (0..window).map(|i| u8::from(!known_at(i))).collect();
+                sample(&mut net, &config, windows.len(), Some(&known), progress)?
+                    .into_iter()
+                    .map(|t| (t, origins.clone()))
+                    .collect()
+            }
+        };
+        bar.finish_and_clear();
+        let q = seam_quality(&texts, &vocab);
+        if args.json {
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "quality": q });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!("{mode}: {} samples, {} steps, td {}", texts.len(), config.steps, config.td);
+            println!(
+                "generated words {:.1}% of {}   boundary words {:.1}% of {}",
+                100.0 * q.generated_word_rate,
+                q.generated_words,
+                100.0 * q.boundary_word_rate,
+                q.boundary_words
+            );
         }
         Ok(())
     }

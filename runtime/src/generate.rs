@@ -85,30 +85,33 @@ fn check_charset(spec: &ModelSpec, text: &str, what: &'static str) -> Result<(),
     Ok(())
 }
 
-/// `n` texts of `length` bytes, prompt included: the first window continues `prompt` (may be
-/// empty), each further window keeps the last half of the text so far as its known prefix and
-/// generates the rest.
+/// One text of `length` bytes per prompt, the prompt included: the first window continues the
+/// prompt (which may be empty), each further window keeps the last half of the text so far as its
+/// known prefix and generates the rest. All texts are sampled together as one batch.
 pub fn generate_long<D: Denoiser + ?Sized>(
     net: &mut D,
     config: &SamplerConfig,
-    n: usize,
-    prompt: &str,
+    prompts: &[&str],
     length: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<u8>>, GenerateError> {
-    if length <= prompt.len() {
-        return Err(GenerateError::Length { length, prompt: prompt.len() });
+    let n = prompts.len();
+    if let Some(long) = prompts.iter().find(|p| p.len() >= length) {
+        return Err(GenerateError::Length { length, prompt: long.len() });
     }
     let spec = net.spec().clone();
     let window = spec.window;
-    let first = prompt_known(&spec, prompt)?;
+    let mut first = Vec::with_capacity(n * window);
+    for prompt in prompts {
+        first.extend(prompt_known(&spec, prompt)?);
+    }
     let overlap = window / 2;
+    let windows = long_windows(window, length);
     let fresh_per_window = window - overlap;
-    let windows = 1 + length.saturating_sub(window).div_ceil(fresh_per_window);
     let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
     for w in 0..windows {
         let known: Vec<Option<u8>> = if w == 0 {
-            (0..n).flat_map(|_| first.iter().copied()).collect()
+            first.clone()
         } else {
             texts
                 .iter()
@@ -132,4 +135,21 @@ pub fn generate_long<D: Denoiser + ?Sized>(
         text.truncate(length);
     }
     Ok(texts)
+}
+
+/// How many windows `generate_long` samples for `length` bytes.
+pub fn long_windows(window: usize, length: usize) -> usize {
+    1 + length.saturating_sub(window).div_ceil(window - window / 2)
+}
+
+/// Which pass wrote each byte of a `generate_long` text: 0 for the prompt, w + 1 for window w.
+pub fn long_origins(window: usize, prompt: usize, length: usize) -> Vec<u8> {
+    let fresh = window - window / 2;
+    (0..length)
+        .map(|i| match i {
+            i if i < prompt => 0,
+            i if i < window => 1,
+            i => (2 + (i - window) / fresh).min(255) as u8,
+        })
+        .collect()
 }

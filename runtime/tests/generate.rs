@@ -55,10 +55,12 @@ fn a_prompt_is_continued() {
 #[test]
 fn long_text_slides_seamlessly_across_windows() {
     let mut net = Alphabet { spec: spec(8, true, Head::Bits) };
-    let out = generate_long(&mut net, &config(), 2, "abc", 60, |_, _| {}).unwrap();
+    let out = generate_long(&mut net, &config(), &["abc", "abc"], 60, |_, _| {}).unwrap();
     let expected: Vec<u8> = (0..60).map(|i| b'a' + (i % 26) as u8).collect();
     assert_eq!(out, vec![expected.clone(), expected]);
-    let short = generate_long(&mut net, &config(), 1, "", 5, |_, _| {}).unwrap();
+    let mixed = generate_long(&mut net, &config(), &["xy", "f"], 10, |_, _| {}).unwrap();
+    assert_eq!(mixed, [b"xyzabcdefg".to_vec(), b"fghijklmno".to_vec()]);
+    let short = generate_long(&mut net, &config(), &[""], 5, |_, _| {}).unwrap();
     assert_eq!(short[0], b"abcde");
 }
 
@@ -84,6 +86,14 @@ fn bad_prompts_and_templates_say_what_fits() {
     assert!(err(infill_known(&s, "a_\\").unwrap_err()).contains("lone"));
     assert!(err(infill_known(&s, "Q_").unwrap_err()).contains("'Q'"));
     let mut net = Alphabet { spec: s };
-    assert!(err(generate_long(&mut net, &config(), 1, "abc", 3, |_, _| {}).unwrap_err())
+    assert!(err(generate_long(&mut net, &config(), &["abc"], 3, |_, _| {}).unwrap_err())
         .contains("nothing to generate"));
+}
+
+#[test]
+fn long_origins_follow_the_windows() {
+    use chardiff_runtime::generate::{long_origins, long_windows};
+    // window 8: 4 fresh bytes per window after the first.
+    assert_eq!(long_windows(8, 16), 3);
+    assert_eq!(long_origins(8, 3, 16), [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]);
 }
