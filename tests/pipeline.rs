@@ -3,9 +3,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use chardiff_export::to_onnx_bytes;
-use chardiff_runtime::bench::max_x0_difference;
+use chardiff_runtime::bench::{max_x0_difference, RandomBatch};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::tract::TractDenoiser;
+use chardiff_runtime::Denoiser;
 use chardiff_runtime::Head;
 use chardiff_train::candle::Params;
 use chardiff_train::checkpoint::TrainedModel;
@@ -99,21 +100,9 @@ fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u6
 fn parity(model: TrainedModel) -> f32 {
     let mut tract = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
     // Parity on an all-zero output would prove nothing.
-    let mut zero = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
-    let size = 2 * model.spec.values_per_sequence();
-    let (x, mask) = (vec![0.5f32; size], vec![0.0f32; 2 * model.spec.window]);
-    let input = chardiff_runtime::DenoiseInput {
-        batch: 2,
-        x_t: &x,
-        x_self: &x,
-        t: &[0.5, 0.9],
-        condition: model
-            .spec
-            .conditioning
-            .then_some(chardiff_runtime::Condition { cond: &x, mask: &mask }),
-    };
-    let mut out = vec![0.0f32; size];
-    chardiff_runtime::Denoiser::denoise(&mut zero, &input, &mut out).unwrap();
+    let data = RandomBatch::new(&model.spec, 2, 9);
+    let mut out = data.output();
+    tract.denoise(&data.input(), &mut out).unwrap();
     assert!(out.iter().any(|v| v.abs() > 1e-2), "outputs are degenerate");
     let mut candle = model.denoiser();
     let mut worst = 0.0f32;

@@ -3,6 +3,7 @@
 
 use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
 use crate::sampler::gaussian;
+use crate::spec::ModelSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -17,27 +18,60 @@ pub struct StepLatency {
     pub p90_ms: f64,
 }
 
-/// Runs `warmup` untimed then `iterations` timed network calls on a batch of noise.
+/// Owned inputs of one network call on random data: noisy x_t, clipped noisy x_self, random t
+/// and (for conditional models) random known positions.
+pub struct RandomBatch {
+    pub batch: usize,
+    x_t: Vec<f32>,
+    x_self: Vec<f32>,
+    t: Vec<f32>,
+    cond: Vec<f32>,
+    mask: Vec<f32>,
+    conditioning: bool,
+}
+
+impl RandomBatch {
+    pub fn new(spec: &ModelSpec, batch: usize, seed: u64) -> RandomBatch {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let size = batch * spec.values_per_sequence();
+        RandomBatch {
+            batch,
+            x_t: gaussian(&mut rng, size),
+            x_self: gaussian(&mut rng, size).iter().map(|v| v.clamp(-1.0, 1.0)).collect(),
+            t: (0..batch).map(|_| rng.random()).collect(),
+            cond: gaussian(&mut rng, size),
+            mask: (0..batch * spec.window).map(|_| f32::from(rng.random::<bool>())).collect(),
+            conditioning: spec.conditioning,
+        }
+    }
+
+    pub fn input(&self) -> DenoiseInput<'_> {
+        DenoiseInput {
+            batch: self.batch,
+            x_t: &self.x_t,
+            x_self: &self.x_self,
+            t: &self.t,
+            condition: self
+                .conditioning
+                .then_some(Condition { cond: &self.cond, mask: &self.mask }),
+        }
+    }
+
+    /// The output buffer x0 for this batch.
+    pub fn output(&self) -> Vec<f32> {
+        vec![0.0; self.x_t.len()]
+    }
+}
+
+/// Runs `warmup` untimed then `iterations` timed network calls on a random batch.
 pub fn step_latency<D: Denoiser + ?Sized>(
     net: &mut D,
     batch: usize,
     warmup: usize,
     iterations: usize,
 ) -> Result<StepLatency, BoxError> {
-    let spec = net.spec().clone();
-    let size = batch * spec.values_per_sequence();
-    let x_t = gaussian(&mut ChaCha8Rng::seed_from_u64(0), size);
-    let zeros = vec![0.0f32; size];
-    let mask = vec![0.0f32; batch * spec.window];
-    let t = vec![0.5f32; batch];
-    let input = DenoiseInput {
-        batch,
-        x_t: &x_t,
-        x_self: &zeros,
-        t: &t,
-        condition: spec.conditioning.then_some(Condition { cond: &zeros, mask: &mask }),
-    };
-    let mut x0 = vec![0.0f32; size];
+    let data = RandomBatch::new(net.spec(), batch, 0);
+    let (input, mut x0) = (data.input(), data.output());
     for _ in 0..warmup {
         net.denoise(&input, &mut x0)?;
     }
@@ -57,33 +91,17 @@ pub fn step_latency<D: Denoiser + ?Sized>(
     })
 }
 
-/// The largest |x0| difference between two denoisers of the same spec over one random batch:
-/// noisy x_t, clipped noisy x_self, random t and (for conditional models) random known positions.
+/// The largest |x0| difference between two denoisers of the same spec over one random batch.
 pub fn max_x0_difference<A: Denoiser + ?Sized, B: Denoiser + ?Sized>(
     a: &mut A,
     b: &mut B,
     batch: usize,
     seed: u64,
 ) -> Result<f32, BoxError> {
-    let spec = a.spec().clone();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let size = batch * spec.values_per_sequence();
-    let x_t = gaussian(&mut rng, size);
-    let x_self: Vec<f32> = gaussian(&mut rng, size).iter().map(|v| v.clamp(-1.0, 1.0)).collect();
-    let t: Vec<f32> = (0..batch).map(|_| rng.random()).collect();
-    let cond = gaussian(&mut rng, size);
-    let mask: Vec<f32> =
-        (0..batch * spec.window).map(|_| f32::from(rng.random::<bool>())).collect();
-    let input = DenoiseInput {
-        batch,
-        x_t: &x_t,
-        x_self: &x_self,
-        t: &t,
-        condition: spec.conditioning.then_some(Condition { cond: &cond, mask: &mask }),
-    };
-    let (mut x, mut y) = (vec![0.0; size], vec![0.0; size]);
-    a.denoise(&input, &mut x)?;
-    b.denoise(&input, &mut y)?;
+    let data = RandomBatch::new(a.spec(), batch, seed);
+    let (mut x, mut y) = (data.output(), data.output());
+    a.denoise(&data.input(), &mut x)?;
+    b.denoise(&data.input(), &mut y)?;
     Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max))
 }
 
