@@ -50,8 +50,14 @@ fn train_step(c: &mut Criterion) {
         steps: u64::MAX,
         ..TrainConfig::default()
     };
-    let model =
-        ModelConfig { dim: 128, layers: 4, heads: 4, ffn: 512, activation: Activation::Silu };
+    let model = ModelConfig {
+        dim: 128,
+        layers: 4,
+        heads: 4,
+        ffn: 512,
+        activation: Activation::Silu,
+        attention_bias: true,
+    };
     let mut trainer = Trainer::create(dir.path(), config, model).unwrap();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);

@@ -595,6 +595,9 @@ mod train {
         /// gelu (tanh approximation) or silu.
         #[arg(long, default_value = "gelu", value_parser = enum_arg::<Activation>)]
         activation: Activation,
+        /// Leave out the learned attention-score bias (the architecture of the first default model).
+        #[arg(long)]
+        no_attention_bias: bool,
         /// Output head: softmax (over the corpus charset) or bits.
         #[arg(long, default_value = "softmax", value_parser = enum_arg::<Head>)]
         head: Head,
@@ -654,6 +657,7 @@ mod train {
                 heads: args.heads,
                 ffn: args.ffn.unwrap_or(4 * args.dim),
                 activation: args.activation,
+                attention_bias: !args.no_attention_bias,
             };
             let config = TrainConfig {
                 corpus: args.corpus.clone().unwrap_or_default(),

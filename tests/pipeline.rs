@@ -21,7 +21,14 @@ fn corpus() -> PathBuf {
 }
 
 fn tiny_model() -> ModelConfig {
-    ModelConfig { dim: 32, layers: 2, heads: 2, ffn: 64, activation: Activation::Gelu }
+    ModelConfig {
+        dim: 32,
+        layers: 2,
+        heads: 2,
+        ffn: 64,
+        activation: Activation::Gelu,
+        attention_bias: true,
+    }
 }
 
 fn tiny_config(head: Head, conditioning: bool, steps: u64) -> TrainConfig {

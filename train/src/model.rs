@@ -17,6 +17,12 @@ pub struct ModelConfig {
     /// Hidden width of each block's MLP.
     pub ffn: usize,
     pub activation: Activation,
+    /// A learned [heads, L, L] bias on every attention score. Without it attention must find
+    /// neighbours through absolute position embeddings, and on the diffusion objective it did not
+    /// within thousands of steps (BENCHMARKS.md); with it, context is picked up. Absent in the
+    /// configs of older runs, which were trained without it.
+    #[serde(default)]
+    pub attention_bias: bool,
 }
 
 /// tanh-GELU and SiLU run on every tract path (exact GELU has no NNEF or CUDA kernel).
@@ -181,7 +187,11 @@ fn block<O: Ops>(
     let k_t = split_heads(o, &k, &[0, 2, 3, 1])?; // [B, H, dh, L]
     let v = split_heads(o, &v, &[0, 2, 1, 3])?;
     let scores = o.matmul(&q, &k_t)?;
-    let scores = o.scale(&scores, 1.0 / (dh as f32).sqrt())?;
+    let mut scores = o.scale(&scores, 1.0 / (dh as f32).sqrt())?;
+    if config.attention_bias {
+        let bias = o.param(&format!("{name}.attn.bias"), &[heads, l, l], Init::Zeros)?;
+        scores = o.add(&scores, &bias)?;
+    }
     let attention = o.softmax(&scores)?;
     let mixed = o.matmul(&attention, &v)?; // [B, H, L, dh]
     let mixed = o.transpose(&mixed, &[0, 2, 1, 3])?;

@@ -63,7 +63,9 @@ fn objective(
 }
 
 fn check(head: Head, conditioning: bool, activation: Activation) {
-    let config = ModelConfig { dim: 8, layers: 2, heads: 2, ffn: 12, activation };
+    // The attention bias on one configuration, so both forms of the block are checked.
+    let attention_bias = head == Head::Softmax;
+    let config = ModelConfig { dim: 8, layers: 2, heads: 2, ffn: 12, activation, attention_bias };
     let spec = spec(head, conditioning);
     let (b, l, k, v) = (2, spec.window, spec.bits, spec.charset.len());
     let mut params = Params::initialized(3, DType::F64, &config, &spec).unwrap();

@@ -22,7 +22,14 @@ fn config(steps: u64) -> TrainConfig {
 }
 
 fn model() -> ModelConfig {
-    ModelConfig { dim: 16, layers: 1, heads: 2, ffn: 32, activation: Activation::Silu }
+    ModelConfig {
+        dim: 16,
+        layers: 1,
+        heads: 2,
+        ffn: 32,
+        activation: Activation::Silu,
+        attention_bias: true,
+    }
 }
 
 fn saved(dir: &Path) -> Checkpoint {
