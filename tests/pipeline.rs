@@ -85,7 +85,8 @@ fn clone_model(m: &TrainedModel) -> TrainedModel {
 /// Random weights scaled up so that every layer matters to the output.
 fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u64) -> TrainedModel {
     let dir = tempfile::tempdir().unwrap();
-    let model = ModelConfig { activation, ..tiny_model() };
+    // Both forms of the attention block: with the learned score bias and without it.
+    let model = ModelConfig { activation, attention_bias: conditioning, ..tiny_model() };
     let trainer = Trainer::create(dir.path(), tiny_config(head, conditioning, 10), model).unwrap();
     let mut spec = trainer.spec.clone();
     spec.recommended_steps = 10;
