@@ -155,8 +155,7 @@ fn run_sample(args: SampleArgs) -> Result<()> {
     }
     let prompt = args.prompt.unwrap_or_default();
     let texts = if let Some(length) = args.length {
-        let windows =
-            1 + length.saturating_sub(spec.window).div_ceil(spec.window - spec.window / 2);
+        let windows = generate::long_windows(spec.window, length);
         let bar = progress_bar((windows * config.steps) as u64, "denoising");
         let prompts = vec![prompt.as_str(); args.n];
         let texts = generate::generate_long(&mut net, &config, &prompts, length, |i, _| {
@@ -349,7 +348,7 @@ mod bench {
 mod eval {
     use super::{enum_arg, progress_bar, SamplingFlags};
     use anyhow::{Context, Result};
-    use chardiff_runtime::corpus::{Corpus, Preprocess};
+    use chardiff_runtime::corpus::{spaced_windows, Corpus, Preprocess};
     use chardiff_runtime::generate;
     use chardiff_runtime::metrics::{quality, seam_quality, vocabulary, Quality};
     use chardiff_runtime::sampler::sample;
@@ -419,10 +418,9 @@ mod eval {
         let vocab = vocabulary(&String::from_utf8_lossy(&corpus.train));
         let scored = quality(&samples, &vocab, &corpus.charset);
         // Real text of the same length for comparison: evenly spaced validation windows.
-        let valid = &corpus.valid;
-        let reference: Vec<Vec<u8>> = (0..samples.len())
-            .map(|i| i * (valid.len() - window) / samples.len())
-            .map(|start| valid[start..start + window].to_vec())
+        let reference: Vec<Vec<u8>> = spaced_windows(&corpus.valid, window, samples.len())
+            .into_iter()
+            .map(<[u8]>::to_vec)
             .collect();
         let real = quality(&reference, &vocab, &corpus.charset);
         if args.json {
@@ -443,11 +441,7 @@ mod eval {
         let corpus = Corpus::load(&args.corpus, args.preprocess, window)
             .with_context(|| format!("loading corpus {}", args.corpus.display()))?;
         let vocab = vocabulary(&String::from_utf8_lossy(&corpus.train));
-        let valid = &corpus.valid;
-        let windows: Vec<&[u8]> = (0..args.n)
-            .map(|i| i * (valid.len() - window) / args.n)
-            .map(|start| &valid[start..start + window])
-            .collect();
+        let windows = spaced_windows(&corpus.valid, window, args.n);
         let bar = progress_bar(config.steps as u64, "sampling");
         let progress = |i: usize, _| bar.set_position(i as u64);
         let texts: Vec<(Vec<u8>, Vec<u8>)> = match mode {

@@ -76,6 +76,11 @@ impl Corpus {
     }
 }
 
+/// `n` windows of `window` bytes at evenly spaced starts: fixed real text to compare samples with.
+pub fn spaced_windows(data: &[u8], window: usize, n: usize) -> Vec<&[u8]> {
+    (0..n).map(|i| i * (data.len() - window) / n.max(1)).map(|s| &data[s..s + window]).collect()
+}
+
 pub fn reference_clean(text: &str) -> String {
     let joined = text.lines().collect::<Vec<_>>().join(" ");
     joined.replace("   ", " ").replace("  ", " ").trim().to_string()

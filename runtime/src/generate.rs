@@ -105,7 +105,7 @@ pub fn generate_long<D: Denoiser + ?Sized>(
     for prompt in prompts {
         first.extend(prompt_known(&spec, prompt)?);
     }
-    let overlap = window / 2;
+    let overlap = long_overlap(window);
     let windows = long_windows(window, length);
     let fresh_per_window = window - overlap;
     let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
@@ -137,14 +137,19 @@ pub fn generate_long<D: Denoiser + ?Sized>(
     Ok(texts)
 }
 
+/// Bytes of the previous text each further window of `generate_long` keeps as known prefix.
+pub fn long_overlap(window: usize) -> usize {
+    window / 2
+}
+
 /// How many windows `generate_long` samples for `length` bytes.
 pub fn long_windows(window: usize, length: usize) -> usize {
-    1 + length.saturating_sub(window).div_ceil(window - window / 2)
+    1 + length.saturating_sub(window).div_ceil(window - long_overlap(window))
 }
 
 /// Which pass wrote each byte of a `generate_long` text: 0 for the prompt, w + 1 for window w.
 pub fn long_origins(window: usize, prompt: usize, length: usize) -> Vec<u8> {
-    let fresh = window - window / 2;
+    let fresh = window - long_overlap(window);
     (0..length)
         .map(|i| match i {
             i if i < prompt => 0,
