@@ -6,7 +6,7 @@ use chardiff_runtime::bench::step_latency;
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::tract::TractDenoiser;
 use chardiff_runtime::Denoiser;
-use chardiff_train::{Activation, ModelConfig, TrainConfig, Trainer};
+use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, Trainer};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::path::Path;
 
@@ -56,7 +56,7 @@ fn train_step(c: &mut Criterion) {
         heads: 4,
         ffn: 512,
         activation: Activation::Silu,
-        attention_bias: true,
+        attention_bias: AttentionBias::Relative,
     };
     let mut trainer = Trainer::create(dir.path(), config, model).unwrap();
     let mut group = c.benchmark_group("train_step");

@@ -4,6 +4,8 @@
 use anyhow::{Context, Result};
 use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
+#[cfg(feature = "train")]
+use chardiff_runtime::tract::Format;
 use chardiff_runtime::tract::{Device, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use clap::{Parser, Subcommand};
@@ -15,8 +17,29 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The shipped default model in the format this build reads (NNEF builds get its NNEF twin).
+#[cfg(feature = "onnx")]
+macro_rules! default_model_file {
+    () => {
+        "/models/default.onnx"
+    };
+}
+#[cfg(not(feature = "onnx"))]
+macro_rules! default_model_file {
+    () => {
+        "/models/default.nnef.tar"
+    };
+}
+
 /// The model `chardiff sample` uses when no --model is given.
-const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default.onnx");
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), default_model_file!());
+
+/// With `embed-model`, the default model is inside the binary.
+#[cfg(feature = "embed-model")]
+const EMBEDDED_MODEL: Option<&[u8]> =
+    Some(include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), default_model_file!())));
+#[cfg(not(feature = "embed-model"))]
+const EMBEDDED_MODEL: Option<&[u8]> = None;
 
 #[derive(Parser)]
 #[command(
@@ -34,11 +57,21 @@ enum Command {
     /// Train a denoiser on a text corpus (candle, CPU).
     #[cfg(feature = "train")]
     Train(Box<train::TrainArgs>),
-    /// Export a training run to one self-describing ONNX file.
+    /// Export a training run to one self-describing ONNX file (or tract's NNEF archive).
     #[cfg(feature = "train")]
     Export {
         /// The run directory written by `chardiff train`.
         run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// onnx, or nnef (tract's archive: what NNEF-only edge builds read).
+        #[arg(long, default_value = "onnx", value_parser = enum_arg::<Format>)]
+        format: Format,
+    },
+    /// Convert an exported ONNX model to tract's NNEF archive (for NNEF-only edge builds).
+    #[cfg(feature = "onnx")]
+    Convert {
+        model: PathBuf,
         #[arg(long)]
         out: PathBuf,
     },
@@ -57,7 +90,8 @@ enum Command {
 /// Which model and how to run its sampler.
 #[derive(clap::Args)]
 struct SamplingFlags {
-    /// The exported model [default: the shipped models/default.onnx].
+    /// The exported model, ONNX or NNEF [default: the shipped models/default.onnx, or the one
+    /// inside the binary].
     #[arg(long)]
     model: Option<PathBuf>,
     /// Denoising steps [default: the model's recommendation].
@@ -77,14 +111,36 @@ struct SamplingFlags {
 }
 
 impl SamplingFlags {
-    fn model_path(&self) -> PathBuf {
-        self.model.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+    /// The model, for reports.
+    fn model_name(&self) -> String {
+        match (&self.model, EMBEDDED_MODEL) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(_)) => "default model (embedded)".into(),
+            (None, None) => DEFAULT_MODEL.into(),
+        }
+    }
+
+    fn load_on(&self, device: Device) -> Result<TractDenoiser> {
+        let path = match (&self.model, EMBEDDED_MODEL) {
+            (Some(path), _) => path.clone(),
+            (None, Some(bytes)) => {
+                return TractDenoiser::from_bytes_on(bytes, device)
+                    .context("loading the embedded default model");
+            }
+            (None, None) => PathBuf::from(DEFAULT_MODEL),
+        };
+        anyhow::ensure!(
+            self.model.is_some() || path.exists(),
+            "no --model given, and the shipped default model is not at {} (this binary has no \
+             model inside: pass --model FILE, or build with --features embed-model)",
+            path.display()
+        );
+        TractDenoiser::load_on(&path, device)
+            .with_context(|| format!("loading model {}", path.display()))
     }
 
     fn load(&self) -> Result<(TractDenoiser, SamplerConfig)> {
-        let path = self.model_path();
-        let net = TractDenoiser::load_on(&path, self.device)
-            .with_context(|| format!("loading model {}", path.display()))?;
+        let net = self.load_on(self.device)?;
         if let Some(why) = net.fallback_reason() {
             eprintln!("note: --device auto runs on the CPU: {why}");
         }
@@ -130,7 +186,9 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out } => export(run, out),
+        Command::Export { run, out, format } => export(run, out, format),
+        #[cfg(feature = "onnx")]
+        Command::Convert { model, out } => convert(model, out),
         Command::Sample(args) => run_sample(args),
         Command::Eval(args) => eval::run(args),
         Command::Bench(args) => bench::run(args),
@@ -195,7 +253,7 @@ mod bench {
     use anyhow::Result;
     use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
-    use chardiff_runtime::tract::{Device, TractDenoiser};
+    use chardiff_runtime::tract::Device;
     use chardiff_runtime::Denoiser;
     use serde::Serialize;
     use std::time::Instant;
@@ -234,8 +292,7 @@ mod bench {
     /// The --device plan against the CPU plan of the same file.
     pub fn parity(args: ParityArgs) -> Result<()> {
         let (mut device, config) = args.sampling.load()?;
-        let path = args.sampling.model_path();
-        let mut cpu = TractDenoiser::load_on(&path, Device::Cpu)?;
+        let mut cpu = args.sampling.load_on(Device::Cpu)?;
         println!("device plan: {:?}", device.device());
         for (op, n) in device.plan_ops() {
             println!("  {n:>4} x {op}");
@@ -305,7 +362,7 @@ mod bench {
             rows.push(Row { step, full_sample_s, chars_per_s });
         }
         let report = Report {
-            model: args.sampling.model_path().display().to_string(),
+            model: args.sampling.model_name(),
             device: format!("{:?}", net.device()).to_lowercase(),
             load_ms,
             steps: config.steps,
@@ -532,8 +589,8 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 #[cfg(feature = "train")]
-fn export(run: PathBuf, out: PathBuf) -> Result<()> {
-    let summary = chardiff_export::export_run(&run, &out)
+fn export(run: PathBuf, out: PathBuf, format: Format) -> Result<()> {
+    let summary = chardiff_export::export_run(&run, &out, format)
         .with_context(|| format!("exporting {}", run.display()))?;
     eprintln!(
         "wrote {} ({:.1} MB, {} parameters, trained {} steps)",
@@ -545,6 +602,20 @@ fn export(run: PathBuf, out: PathBuf) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "onnx")]
+fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
+    let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+    let nnef = chardiff_runtime::tract::onnx_to_nnef(&onnx)
+        .with_context(|| format!("converting {}", model.display()))?;
+    // Write next to the target and rename, so a failed write never leaves half a model.
+    let partial = out.with_extension("partial");
+    std::fs::write(&partial, &nnef)
+        .and_then(|()| std::fs::rename(&partial, &out))
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {} ({:.1} MB)", out.display(), nnef.len() as f64 / 1e6);
+    Ok(())
+}
+
 #[cfg(feature = "train")]
 mod train {
     use super::{enum_arg, progress_bar, say};
@@ -552,7 +623,7 @@ mod train {
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
     use chardiff_train::{
-        Activation, Event, Loss, ModelConfig, SelfCondUnit, TrainConfig, Trainer,
+        Activation, AttentionBias, Event, Loss, ModelConfig, SelfCondUnit, TrainConfig, Trainer,
     };
     use std::path::PathBuf;
 
@@ -589,9 +660,10 @@ mod train {
         /// gelu (tanh approximation) or silu.
         #[arg(long, default_value = "gelu", value_parser = enum_arg::<Activation>)]
         activation: Activation,
-        /// Leave out the learned attention-score bias (the architecture of the first default model).
-        #[arg(long)]
-        no_attention_bias: bool,
+        /// Position bias on attention scores: relative (learned per offset, ALiBi start), full
+        /// (learned [heads, L, L]) or none (position embeddings only: the first default model).
+        #[arg(long, default_value = "relative", value_parser = enum_arg::<AttentionBias>)]
+        attention_bias: AttentionBias,
         /// Output head: softmax (over the corpus charset) or bits.
         #[arg(long, default_value = "softmax", value_parser = enum_arg::<Head>)]
         head: Head,
@@ -651,7 +723,7 @@ mod train {
                 heads: args.heads,
                 ffn: args.ffn.unwrap_or(4 * args.dim),
                 activation: args.activation,
-                attention_bias: !args.no_attention_bias,
+                attention_bias: args.attention_bias,
             };
             let config = TrainConfig {
                 corpus: args.corpus.clone().unwrap_or_default(),

@@ -80,6 +80,13 @@ fn train_export_sample_and_resume_through_the_cli() {
     let again =
         chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text, "same seed, same text");
+
+    // The NNEF archive of the same run samples the same text.
+    let nnef = dir.path().join("m.nnef.tar");
+    let out = chardiff(&["export", s(&run), "--out", s(&nnef), "--format", "nnef"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = chardiff(&["sample", "--model", s(&nnef), "-n", "3", "--steps", "10", "--seed", "1"]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), text, "NNEF and ONNX, same text");
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! What every build offers, the edge build (`--no-default-features`) included: sampling, bench
-//! and eval on the shipped default model.
+//! What every build offers, the edge build (`-p char-diffusion --no-default-features`, NNEF only)
+//! included: sampling, bench and eval on the shipped default model, and clear errors for files
+//! the build cannot read.
 
 use std::process::{Command, Output};
 
@@ -58,4 +59,63 @@ fn the_device_option_is_checked() {
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
     }
+}
+
+fn models(file: &str) -> String {
+    format!("{}/models/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[cfg(feature = "onnx")]
+#[test]
+fn the_nnef_twin_of_the_default_model_is_current_and_samples_the_same_text() {
+    let text =
+        |model: &str| ok(&["sample", "--model", model, "-n", "2", "--steps", "8", "--seed", "5"]);
+    assert_eq!(
+        text(&models("default.onnx")),
+        text(&models("default.nnef.tar")),
+        "models/default.nnef.tar is stale: run `chardiff convert models/default.onnx --out \
+         models/default.nnef.tar`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let converted = dir.path().join("default.nnef.tar");
+    ok(&["convert", &models("default.onnx"), "--out", converted.to_str().unwrap()]);
+    assert_eq!(text(&models("default.onnx")), text(converted.to_str().unwrap()));
+}
+
+#[cfg(not(feature = "onnx"))]
+#[test]
+fn an_nnef_only_build_names_the_option_that_reads_onnx() {
+    let out = chardiff(&["sample", "--model", &models("default.onnx"), "-n", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features onnx") && err.contains("chardiff convert"), "{err}");
+}
+
+#[cfg(feature = "embed-model")]
+#[test]
+fn the_embedded_model_is_used_without_a_model_file() {
+    let report: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "--batch",
+        "1",
+        "--iterations",
+        "1",
+        "--no-full",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["model"], "default model (embedded)");
+}
+
+#[test]
+fn files_that_are_no_model_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.nnef.tar");
+    let mut tar = vec![0u8; 1024];
+    tar[257..262].copy_from_slice(b"ustar");
+    std::fs::write(&junk, &tar).unwrap();
+    let out = chardiff(&["sample", "--model", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a readable NNEF archive"), "{err}");
 }

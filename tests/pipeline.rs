@@ -5,12 +5,12 @@ use candle_core::{DType, Device, Tensor};
 use chardiff_export::to_onnx_bytes;
 use chardiff_runtime::bench::{max_x0_difference, RandomBatch};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
-use chardiff_runtime::tract::TractDenoiser;
+use chardiff_runtime::tract::{onnx_to_nnef, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use chardiff_runtime::Head;
 use chardiff_train::candle::Params;
 use chardiff_train::checkpoint::TrainedModel;
-use chardiff_train::{Activation, ModelConfig, TrainConfig, Trainer};
+use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ fn tiny_model() -> ModelConfig {
         heads: 2,
         ffn: 64,
         activation: Activation::Gelu,
-        attention_bias: true,
+        attention_bias: AttentionBias::Relative,
     }
 }
 
@@ -85,8 +85,10 @@ fn clone_model(m: &TrainedModel) -> TrainedModel {
 /// Random weights scaled up so that every layer matters to the output.
 fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u64) -> TrainedModel {
     let dir = tempfile::tempdir().unwrap();
-    // Both forms of the attention block: with the learned score bias and without it.
-    let model = ModelConfig { activation, attention_bias: conditioning, ..tiny_model() };
+    // Every form of the attention block.
+    let attention_bias =
+        [AttentionBias::Relative, AttentionBias::None, AttentionBias::Full][seed as usize % 3];
+    let model = ModelConfig { activation, attention_bias, ..tiny_model() };
     let trainer = Trainer::create(dir.path(), tiny_config(head, conditioning, 10), model).unwrap();
     let mut spec = trainer.spec.clone();
     spec.recommended_steps = 10;
@@ -105,8 +107,11 @@ fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u6
 }
 
 /// Max |x0_candle - x0_tract| over random inputs at several batch sizes.
+/// The ONNX file and its NNEF conversion are both checked.
 fn parity(model: TrainedModel) -> f32 {
-    let mut tract = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
+    let onnx = to_onnx_bytes(&model).unwrap();
+    let mut tract = TractDenoiser::from_bytes(&onnx).unwrap();
+    let mut nnef = TractDenoiser::from_bytes(&onnx_to_nnef(&onnx).unwrap()).unwrap();
     // Parity on an all-zero output would prove nothing.
     let data = RandomBatch::new(&model.spec, 2, 9);
     let mut out = data.output();
@@ -116,7 +121,8 @@ fn parity(model: TrainedModel) -> f32 {
     let mut worst = 0.0f32;
     for (seed, batch) in [1, 3, 8].into_iter().enumerate() {
         let diff = max_x0_difference(&mut candle, &mut tract, batch, seed as u64).unwrap();
-        worst = worst.max(diff);
+        let nnef_diff = max_x0_difference(&mut candle, &mut nnef, batch, seed as u64).unwrap();
+        worst = worst.max(diff).max(nnef_diff);
     }
     worst
 }

@@ -123,6 +123,17 @@ impl Ops for OnnxOps<'_> {
         Ok(self.g.node("Transpose", &[x], vec![attr_ints("perm", &perm)]))
     }
 
+    fn gather(
+        &mut self,
+        table: &String,
+        indices: &[usize],
+        shape: &[usize],
+    ) -> Result<String, ExportError> {
+        let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let indices = self.g.initializer_i64(shape, &indices);
+        Ok(self.g.node("Gather", &[table, &indices], vec![attr_int("axis", 1)]))
+    }
+
     fn unsqueeze(&mut self, x: &String, axis: usize) -> Result<String, ExportError> {
         let axes = self.g.initializer_i64(&[1], &[axis as i64]);
         Ok(self.g.node("Unsqueeze", &[x, &axes], vec![]))

@@ -1,11 +1,13 @@
 //! chardiff-export: a trained checkpoint becomes one self-describing ONNX file: the denoiser
-//! graph, its weights, and the model spec in `metadata_props`.
+//! graph, its weights, and the model spec in `metadata_props` (or the same graph as tract's NNEF
+//! archive, with the spec in its properties, for edge builds).
 
 pub mod denoiser;
 pub mod graph;
 
 pub use denoiser::{denoiser_graph, ExportError};
 
+use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
 use chardiff_train::checkpoint::{write_atomic, CheckpointError};
 use chardiff_train::TrainedModel;
 use prost::Message;
@@ -17,6 +19,8 @@ pub enum Error {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error("converting to NNEF: {0}")]
+    Nnef(#[from] LoadError),
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -29,9 +33,12 @@ pub struct Summary {
 }
 
 /// Exports the run in `dir` (its EMA weights when it has them) to `out`, atomically.
-pub fn export_run(dir: &Path, out: &Path) -> Result<Summary, Error> {
+pub fn export_run(dir: &Path, out: &Path, format: Format) -> Result<Summary, Error> {
     let model = TrainedModel::load(dir)?;
-    let bytes = to_onnx_bytes(&model)?;
+    let bytes = match format {
+        Format::Onnx => to_onnx_bytes(&model)?,
+        Format::Nnef => onnx_to_nnef(&to_onnx_bytes(&model)?)?,
+    };
     write_atomic(out, &bytes).map_err(|source| Error::Write { path: out.to_path_buf(), source })?;
     Ok(Summary {
         bytes: bytes.len(),

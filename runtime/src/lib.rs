@@ -1,6 +1,6 @@
 //! chardiff-runtime: what ships to a device. The method's math (analog bits, noise schedules, the
-//! sampling loop), the model spec and graph contract, and (feature `tract`) a tract backend that
-//! runs exported ONNX denoisers.
+//! sampling loop), the model spec and graph contract, and (features `nnef`, `onnx`) a tract
+//! backend that runs exported denoisers.
 
 pub mod bench;
 pub mod bits;
@@ -11,7 +11,7 @@ pub mod metrics;
 pub mod sampler;
 pub mod schedule;
 pub mod spec;
-#[cfg(feature = "tract")]
+#[cfg(feature = "nnef")]
 pub mod tract;
 
 pub use bits::{AnalogBits, BitCode, Charset, BITS};

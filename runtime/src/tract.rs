@@ -1,12 +1,14 @@
-//! The tract backend: an exported ONNX denoiser goes load -> typed -> decluttered -> prepared by
-//! a tract runtime (CPU: optimized plan; CUDA: the same graph translated to GPU kernels) once, and
-//! one state is reused for every denoising step.
+//! The tract backend: an exported denoiser (ONNX, or tract's NNEF archive) goes load -> typed ->
+//! decluttered -> prepared by a tract runtime (CPU: optimized plan; CUDA: the same graph translated
+//! to GPU kernels) once, and one state is reused for every denoising step.
+//!
+//! NNEF is always readable; ONNX needs the `onnx` feature (tract-onnx), which edge builds leave out.
 
 use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
 use crate::spec::{ModelSpec, SpecError};
 use std::path::{Path, PathBuf};
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::{runtime_for_name, Runnable, State};
+use tract_nnef::prelude::*;
+use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
 
 #[cfg(feature = "cuda")]
 use tract_cuda as _; // links the "cuda" runtime into tract's registry
@@ -27,6 +29,14 @@ pub enum LoadError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("not an ONNX model (the file does not parse as ONNX protobuf): {0}")]
     NotOnnx(String),
+    #[error("not a readable NNEF archive: {0}")]
+    NotNnef(String),
+    #[error(
+        "this looks like an ONNX file, and this chardiff reads NNEF archives only (built without \
+         the `onnx` feature): rebuild with `--features onnx`, or convert the file once with \
+         `chardiff convert MODEL.onnx --out MODEL.nnef.tar` on a full build"
+    )]
+    OnnxNotBuilt,
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("the graph does not follow the chardiff I/O contract: {0}")]
@@ -65,20 +75,7 @@ impl TractDenoiser {
     }
 
     pub fn from_bytes_on(bytes: &[u8], device: Device) -> Result<TractDenoiser, LoadError> {
-        let onnx = tract_onnx::onnx();
-        let proto = onnx
-            .proto_model_for_read(&mut &bytes[..])
-            .map_err(|e| LoadError::NotOnnx(format!("{e:#}")))?;
-        let spec = ModelSpec::from_metadata(
-            proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())),
-        )?;
-        check_contract(&proto, &spec)?;
-        let tract_err = |e: TractError| LoadError::Tract(format!("{e:#}"));
-        let model = onnx
-            .model_for_proto_model(&proto)
-            .and_then(|m| m.into_typed())
-            .and_then(|m| m.into_decluttered())
-            .map_err(tract_err)?;
+        let (spec, model) = decluttered_model(bytes)?;
         let (runnable, device, fallback) = match device {
             Device::Cpu => (prepare_cpu(model)?, Device::Cpu, None),
             Device::Cuda => (prepare_cuda(model)?, Device::Cuda, None),
@@ -87,7 +84,7 @@ impl TractDenoiser {
                 Err(why) => (prepare_cpu(model)?, Device::Cpu, Some(why.to_string())),
             },
         };
-        let state = runnable.spawn().map_err(tract_err)?;
+        let state = runnable.spawn().map_err(tract_error)?;
         Ok(TractDenoiser { spec, state, runnable, device, fallback })
     }
 
@@ -126,9 +123,113 @@ impl TractDenoiser {
     }
 }
 
+/// The two file formats a model comes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Onnx,
+    /// tract's NNEF archive (a tar, possibly gzipped).
+    Nnef,
+}
+
+impl Format {
+    /// NNEF archives are tars (`ustar` at byte 257) or gzip streams; everything else is taken
+    /// for ONNX protobuf, which has no magic number.
+    pub fn of(bytes: &[u8]) -> Format {
+        let tar = bytes.get(257..262) == Some(b"ustar");
+        let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+        if tar || gzip {
+            Format::Nnef
+        } else {
+            Format::Onnx
+        }
+    }
+}
+
+fn tract_error(e: TractError) -> LoadError {
+    LoadError::Tract(format!("{e:#}"))
+}
+
+/// The NNEF dialect chardiff writes and reads: tract's core operators, all a decluttered
+/// chardiff graph uses. Writing with the reader's dialect means an export that would not load
+/// on an edge build fails at export time.
+fn nnef() -> tract_nnef::internal::Nnef {
+    tract_nnef::nnef()
+}
+
+/// Reads either format into the spec and the decluttered graph, checked against the contract.
+fn decluttered_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+    let (spec, model) = match Format::of(bytes) {
+        Format::Nnef => {
+            let model = nnef()
+                .model_for_read(&mut &bytes[..])
+                .map_err(|e| LoadError::NotNnef(format!("{e:#}")))?;
+            let text =
+                |v: &Tensor| Some(v.try_as_plain_ram().ok()?.to_scalar::<String>().ok()?.clone());
+            let props: Vec<(&str, String)> =
+                model.properties.iter().filter_map(|(k, v)| Some((k.as_str(), text(v)?))).collect();
+            let spec = ModelSpec::from_metadata(props.iter().map(|(k, v)| (*k, v.as_str())))?;
+            (spec, model)
+        }
+        Format::Onnx => onnx::typed_model(bytes)?,
+    };
+    check_contract(&model, &spec)?;
+    Ok((spec, model.into_decluttered().map_err(tract_error)?))
+}
+
+/// Converts an ONNX model to tract's NNEF archive: the same graph, decluttered, with the spec as
+/// model properties (`chardiff.*`), with fixed timestamps in the tar.
+#[cfg(feature = "onnx")]
+pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
+    let (spec, mut model) = decluttered_model(onnx_bytes)?;
+    model.properties.clear();
+    for (key, value) in spec.to_metadata() {
+        model.properties.insert(key, rctensor0(value));
+    }
+    nnef()
+        .write_to_tar_with_config(&model, Vec::new(), false, true)
+        .map_err(|e| LoadError::Tract(format!("cannot write the graph as NNEF: {e:#}")))
+}
+
+#[cfg(feature = "onnx")]
+mod onnx {
+    use super::{tract_error, LoadError};
+    use crate::spec::ModelSpec;
+    use tract_onnx::prelude::*;
+
+    pub fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+        let onnx = tract_onnx::onnx();
+        let proto = onnx
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(|e| LoadError::NotOnnx(format!("{e:#}")))?;
+        let spec = ModelSpec::from_metadata(
+            proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())),
+        )?;
+        let model =
+            onnx.model_for_proto_model(&proto).and_then(|m| m.into_typed()).map_err(tract_error)?;
+        Ok((spec, model))
+    }
+}
+
+#[cfg(not(feature = "onnx"))]
+mod onnx {
+    use super::LoadError;
+    use crate::spec::ModelSpec;
+    use tract_nnef::prelude::TypedModel;
+
+    /// ONNX protobuf starts with field 1 (`ir_version`, a varint: tag byte 0x08).
+    pub fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+        if bytes.first() == Some(&0x08) {
+            Err(LoadError::OnnxNotBuilt)
+        } else {
+            Err(LoadError::NotNnef("neither a tar nor a gzip stream".into()))
+        }
+    }
+}
+
 fn prepare_cpu(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
     let cpu = runtime_for_name("cpu").ok().flatten().expect("tract always has its cpu runtime");
-    cpu.prepare(model).map_err(|e| LoadError::Tract(format!("{e:#}")))
+    cpu.prepare(model).map_err(tract_error)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -185,14 +286,19 @@ mod cuda {
     }
 }
 
-fn check_contract(proto: &tract_onnx::pb::ModelProto, spec: &ModelSpec) -> Result<(), LoadError> {
-    let graph = proto.graph.as_ref().ok_or_else(|| LoadError::Contract("no graph".into()))?;
-    let inputs: Vec<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+fn check_contract(model: &TypedModel, spec: &ModelSpec) -> Result<(), LoadError> {
+    // Outlet labels carry the graph's I/O names in both formats; node names are the fallback.
+    let name = |outlet: &OutletId| {
+        model.outlet_label(*outlet).unwrap_or(&model.node(outlet.node).name).to_string()
+    };
+    let inputs: Vec<String> =
+        model.input_outlets().map_err(tract_error)?.iter().map(name).collect();
     let expected = io::inputs(spec.conditioning);
     if inputs != expected {
         return Err(LoadError::Contract(format!("inputs are {inputs:?}, expected {expected:?}")));
     }
-    if graph.output.first().map(|o| o.name.as_str()) != Some(io::X0) {
+    let output = model.output_outlets().map_err(tract_error)?.first().map(name);
+    if output.as_deref() != Some(io::X0) {
         return Err(LoadError::Contract(format!("the first output must be `{}`", io::X0)));
     }
     Ok(())

@@ -194,6 +194,24 @@ impl Ops for CandleOps<'_> {
         Tensor::cat(xs, D::Minus1)
     }
 
+    fn gather(
+        &mut self,
+        table: &Tensor,
+        indices: &[usize],
+        shape: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        // As a matmul with a one-hot matrix: candle's index_select and gather have no gradient.
+        let (n, m) = (table.dim(1)?, indices.len());
+        let mut one_hot = vec![0f32; n * m];
+        for (column, &i) in indices.iter().enumerate() {
+            one_hot[i * m + column] = 1.0;
+        }
+        let one_hot = Tensor::from_vec(one_hot, (n, m), &Device::Cpu)?.to_dtype(self.dtype)?;
+        let mut dims = vec![table.dim(0)?];
+        dims.extend_from_slice(shape);
+        table.matmul(&one_hot)?.reshape(dims)
+    }
+
     fn split(&mut self, x: &Tensor, sizes: &[usize]) -> candle_core::Result<Vec<Tensor>> {
         let mut start = 0;
         sizes

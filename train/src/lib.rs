@@ -11,5 +11,5 @@ pub mod trainer;
 pub use chardiff_runtime::corpus;
 
 pub use checkpoint::TrainedModel;
-pub use model::{Activation, ModelConfig};
+pub use model::{Activation, AttentionBias, ModelConfig};
 pub use trainer::{Event, Loss, SelfCondUnit, TrainConfig, TrainError, Trainer};

@@ -17,12 +17,45 @@ pub struct ModelConfig {
     /// Hidden width of each block's MLP.
     pub ffn: usize,
     pub activation: Activation,
-    /// A learned [heads, L, L] bias on every attention score. Without it attention must find
-    /// neighbours through absolute position embeddings, and on the diffusion objective it did not
-    /// within thousands of steps (BENCHMARKS.md); with it, context is picked up. Absent in the
-    /// configs of older runs, which were trained without it.
-    #[serde(default)]
-    pub attention_bias: bool,
+    /// A position bias on the attention scores. Absent (`false`) in the configs of the oldest
+    /// runs, `true` in those of runs with the full bias.
+    #[serde(default, deserialize_with = "attention_bias_compat")]
+    pub attention_bias: AttentionBias,
+}
+
+/// How attention finds neighbours. Through absolute position embeddings alone it did not, on the
+/// diffusion objective, within thousands of steps (BENCHMARKS.md "Picking up context"): learning
+/// position-to-position attention from small q/k and position weights is a saddle the weak
+/// signal of noisy neighbours does not push the model off. A bias on the scores learns directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionBias {
+    /// Absolute position embeddings only (the first default model).
+    #[default]
+    None,
+    /// A free learned [heads, L, L] bias.
+    Full,
+    /// A learned bias per head and offset j - i on top of ALiBi's -slope_h |j - i|: every head
+    /// attends locally from the first step, and each parameter sees the gradient of all L
+    /// positions at its offset.
+    Relative,
+}
+
+/// `attention_bias` was a bool before `Relative` existed.
+fn attention_bias_compat<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<AttentionBias, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Bool(bool),
+        Kind(AttentionBias),
+    }
+    Ok(match Stored::deserialize(d)? {
+        Stored::Bool(true) => AttentionBias::Full,
+        Stored::Bool(false) => AttentionBias::None,
+        Stored::Kind(kind) => kind,
+    })
 }
 
 /// tanh-GELU and SiLU run on every tract path (exact GELU has no NNEF or CUDA kernel).
@@ -84,6 +117,13 @@ pub trait Ops {
     fn cos(&mut self, x: &Self::T) -> Result<Self::T, Self::E>;
     /// Along the last axis.
     fn concat(&mut self, xs: &[Self::T]) -> Result<Self::T, Self::E>;
+    /// `table` [rows, n] indexed along its last axis by constant indices: [rows, shape...].
+    fn gather(
+        &mut self,
+        table: &Self::T,
+        indices: &[usize],
+        shape: &[usize],
+    ) -> Result<Self::T, Self::E>;
     /// Along the last axis, into parts of the given sizes.
     fn split(&mut self, x: &Self::T, sizes: &[usize]) -> Result<Vec<Self::T>, Self::E>;
     /// To [batch, dims...]: the batch axis is kept.
@@ -188,9 +228,24 @@ fn block<O: Ops>(
     let v = split_heads(o, &v, &[0, 2, 1, 3])?;
     let scores = o.matmul(&q, &k_t)?;
     let mut scores = o.scale(&scores, 1.0 / (dh as f32).sqrt())?;
-    if config.attention_bias {
-        let bias = o.param(&format!("{name}.attn.bias"), &[heads, l, l], Init::Zeros)?;
-        scores = o.add(&scores, &bias)?;
+    match config.attention_bias {
+        AttentionBias::None => {}
+        AttentionBias::Full => {
+            let bias = o.param(&format!("{name}.attn.bias"), &[heads, l, l], Init::Zeros)?;
+            scores = o.add(&scores, &bias)?;
+        }
+        AttentionBias::Relative => {
+            let learned =
+                o.param(&format!("{name}.attn.rel_bias"), &[heads, 2 * l - 1], Init::Zeros)?;
+            let alibi =
+                o.constant(&format!("{name}.attn.alibi"), &[heads, 2 * l - 1], alibi(heads, l))?;
+            let table = o.add(&learned, &alibi)?;
+            // Score (i, j) reads the table at offset j - i, shifted to 0..2L-1.
+            let offsets: Vec<usize> =
+                (0..l).flat_map(|i| (0..l).map(move |j| j + l - 1 - i)).collect();
+            let bias = o.gather(&table, &offsets, &[l, l])?;
+            scores = o.add(&scores, &bias)?;
+        }
     }
     let attention = o.softmax(&scores)?;
     let mixed = o.matmul(&attention, &v)?; // [B, H, L, dh]
@@ -207,6 +262,17 @@ fn block<O: Ops>(
     };
     let m = linear(o, &format!("{name}.mlp.down"), &m, config.ffn, d, out_std)?;
     o.add(&h, &m)
+}
+
+/// ALiBi (Press et al. 2022): head h adds -slope_h |j - i| with geometric slopes 2^(-8(h+1)/H),
+/// from local heads to nearly global ones; [heads, 2L - 1] over offsets -(L-1)..=L-1.
+fn alibi(heads: usize, l: usize) -> Vec<f32> {
+    (0..heads)
+        .flat_map(|h| {
+            let slope = 2f32.powf(-8.0 * (h + 1) as f32 / heads as f32);
+            (0..2 * l - 1).map(move |o| -slope * (o as f32 - (l - 1) as f32).abs())
+        })
+        .collect()
 }
 
 fn linear<O: Ops>(

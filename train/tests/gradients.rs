@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use chardiff_train::candle::{CandleOps, Params};
-use chardiff_train::model::{self, Activation, ModelConfig};
+use chardiff_train::model::{self, Activation, AttentionBias, ModelConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -63,8 +63,9 @@ fn objective(
 }
 
 fn check(head: Head, conditioning: bool, activation: Activation) {
-    // The attention bias on one configuration, so both forms of the block are checked.
-    let attention_bias = head == Head::Softmax;
+    // Both learned score biases (the block without one is a subset of either).
+    let attention_bias =
+        if head == Head::Softmax { AttentionBias::Relative } else { AttentionBias::Full };
     let config = ModelConfig { dim: 8, layers: 2, heads: 2, ffn: 12, activation, attention_bias };
     let spec = spec(head, conditioning);
     let (b, l, k, v) = (2, spec.window, spec.bits, spec.charset.len());

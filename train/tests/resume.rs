@@ -3,7 +3,7 @@
 
 use chardiff_runtime::Head;
 use chardiff_train::checkpoint::Checkpoint;
-use chardiff_train::{Activation, ModelConfig, TrainConfig, TrainError, Trainer};
+use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, TrainError, Trainer};
 use std::path::{Path, PathBuf};
 
 fn config(steps: u64) -> TrainConfig {
@@ -28,7 +28,7 @@ fn model() -> ModelConfig {
         heads: 2,
         ffn: 32,
         activation: Activation::Silu,
-        attention_bias: true,
+        attention_bias: AttentionBias::Relative,
     }
 }
 
