@@ -68,6 +68,10 @@ enum Command {
         #[arg(long, default_value = "onnx", value_parser = enum_arg::<Format>)]
         format: Format,
     },
+    /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
+    /// every evaluation.
+    #[cfg(feature = "train")]
+    Curves { run: PathBuf },
     /// Convert an exported ONNX model to tract's NNEF archive (for NNEF-only edge builds).
     #[cfg(feature = "onnx")]
     Convert {
@@ -187,6 +191,12 @@ fn main() {
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
         Command::Export { run, out, format } => export(run, out, format),
+        #[cfg(feature = "train")]
+        Command::Curves { run } => chardiff_train::write_curves(&run)
+            .map(|()| {
+                eprintln!("wrote {}", run.join(chardiff_train::curves::CURVES_FILE).display())
+            })
+            .with_context(|| format!("drawing the curves of {}", run.display())),
         #[cfg(feature = "onnx")]
         Command::Convert { model, out } => convert(model, out),
         Command::Sample(args) => run_sample(args),

@@ -56,6 +56,8 @@ fn train_export_sample_and_resume_through_the_cli() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("val"), "evaluations are reported: {log}");
+    let curves = std::fs::read_to_string(run.join("curves.svg")).expect("the run draws its curves");
+    assert!(curves.contains("<svg") && curves.contains("validation (EMA weights)"));
 
     // Same directory again: refused, nothing overwritten.
     fails_with(&args, "already holds a training run");

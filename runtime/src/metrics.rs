@@ -24,7 +24,7 @@ pub fn interior_words(sample: &str) -> Vec<String> {
     all[1..all.len() - 1].to_vec()
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Quality {
     pub samples: usize,
     /// Share of interior words found in the vocabulary (0..1).

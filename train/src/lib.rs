@@ -4,6 +4,7 @@
 
 pub mod candle;
 pub mod checkpoint;
+pub mod curves;
 pub mod model;
 pub mod optim;
 pub mod trainer;
@@ -11,5 +12,6 @@ pub mod trainer;
 pub use chardiff_runtime::corpus;
 
 pub use checkpoint::TrainedModel;
+pub use curves::write_curves;
 pub use model::{Activation, AttentionBias, ModelConfig};
 pub use trainer::{Event, Loss, SelfCondUnit, TrainConfig, TrainError, Trainer};

@@ -466,6 +466,7 @@ impl Trainer {
         let mut file =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
         writeln!(file, "{line}").map_err(io)?;
+        crate::curves::write_curves(&self.dir)?;
         Ok(record)
     }
 
