@@ -6,8 +6,9 @@ use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
 #[cfg(feature = "train")]
 use chardiff_runtime::tract::Format;
-use chardiff_runtime::tract::{Device, TractDenoiser};
+use chardiff_runtime::tract::{native_f16, Device, TractDenoiser};
 use chardiff_runtime::Denoiser;
+use chardiff_runtime::Precision;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ enum Command {
         /// onnx, or nnef (tract's archive: what NNEF-only edge builds read).
         #[arg(long, default_value = "onnx", value_parser = enum_arg::<Format>)]
         format: Format,
+        /// Weight storage: f32, or f16 (half the file).
+        #[arg(long, default_value = "f32", value_parser = enum_arg::<Precision>)]
+        precision: Precision,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -112,6 +116,13 @@ struct SamplingFlags {
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
     #[arg(long, default_value = "cpu", value_parser = enum_arg::<Device>)]
     device: Device,
+    /// The weight precision the model file must have (f32 or f16); another is refused.
+    #[arg(long, value_parser = enum_arg::<Precision>)]
+    precision: Option<Precision>,
+    /// Arithmetic, f32 or f16 [default: f16 only for f16 weights on a CPU with native fp16
+    /// (aarch64 FEAT_FP16); elsewhere tract's f16 is scalar code, tens of times slower].
+    #[arg(long, value_parser = enum_arg::<Precision>)]
+    compute: Option<Precision>,
 }
 
 impl SamplingFlags {
@@ -128,8 +139,9 @@ impl SamplingFlags {
         let path = match (&self.model, EMBEDDED_MODEL) {
             (Some(path), _) => path.clone(),
             (None, Some(bytes)) => {
-                return TractDenoiser::from_bytes_on(bytes, device)
-                    .context("loading the embedded default model");
+                let net = TractDenoiser::from_bytes_with(bytes, device, self.compute)
+                    .context("loading the embedded default model")?;
+                return self.checked(net);
             }
             (None, None) => PathBuf::from(DEFAULT_MODEL),
         };
@@ -139,8 +151,37 @@ impl SamplingFlags {
              model inside: pass --model FILE, or build with --features embed-model)",
             path.display()
         );
-        TractDenoiser::load_on(&path, device)
-            .with_context(|| format!("loading model {}", path.display()))
+        let net = TractDenoiser::load_with(&path, device, self.compute)
+            .with_context(|| format!("loading model {}", path.display()))?;
+        self.checked(net)
+    }
+
+    /// Refuses a file whose precision is not the one asked for; says what f16 weights run in.
+    fn checked(&self, net: TractDenoiser) -> Result<TractDenoiser> {
+        let stored = net.spec().precision;
+        if let Some(wanted) = self.precision.filter(|&p| p != stored) {
+            anyhow::bail!(
+                "{} stores {} weights, not {}: export the run with `chardiff export --precision {}`",
+                self.model_name(),
+                enum_name(stored),
+                enum_name(wanted),
+                enum_name(wanted)
+            );
+        }
+        if stored == Precision::F16 || net.compute() == Precision::F16 {
+            let why = match (net.compute(), native_f16()) {
+                (Precision::F16, true) => "this CPU has native fp16 arithmetic",
+                (Precision::F16, false) => "forced by --compute f16: scalar code here, slow",
+                (Precision::F32, true) => "forced by --compute f32",
+                (Precision::F32, false) => "the weights are widened at load: no native fp16 here",
+            };
+            eprintln!(
+                "note: {} weights, computing in {} ({why})",
+                enum_name(stored),
+                enum_name(net.compute())
+            );
+        }
+        Ok(net)
     }
 
     fn load(&self) -> Result<(TractDenoiser, SamplerConfig)> {
@@ -179,6 +220,11 @@ struct SampleArgs {
     length: Option<usize>,
 }
 
+/// The serde (and CLI) name of an enum value.
+fn enum_name<T: serde::Serialize>(value: T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+}
+
 /// Parses a lower-case enum value with the type's own serde names, so CLI and files agree.
 fn enum_arg<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     serde_json::from_value(serde_json::Value::String(s.to_lowercase())).map_err(|e| e.to_string())
@@ -190,7 +236,7 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out, format } => export(run, out, format),
+        Command::Export { run, out, format, precision } => export(run, out, format, precision),
         #[cfg(feature = "train")]
         Command::Curves { run } => chardiff_train::write_curves(&run)
             .map(|()| {
@@ -599,8 +645,8 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 #[cfg(feature = "train")]
-fn export(run: PathBuf, out: PathBuf, format: Format) -> Result<()> {
-    let summary = chardiff_export::export_run(&run, &out, format)
+fn export(run: PathBuf, out: PathBuf, format: Format, precision: Precision) -> Result<()> {
+    let summary = chardiff_export::export_run(&run, &out, format, precision)
         .with_context(|| format!("exporting {}", run.display()))?;
     eprintln!(
         "wrote {} ({:.1} MB, {} parameters, trained {} steps)",

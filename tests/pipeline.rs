@@ -5,9 +5,9 @@ use candle_core::{DType, Device, Tensor};
 use chardiff_export::to_onnx_bytes;
 use chardiff_runtime::bench::{max_x0_difference, RandomBatch};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
-use chardiff_runtime::tract::{onnx_to_nnef, TractDenoiser};
+use chardiff_runtime::tract::{native_f16, onnx_to_nnef, LoadError, TractDenoiser};
 use chardiff_runtime::Denoiser;
-use chardiff_runtime::Head;
+use chardiff_runtime::{Head, Precision};
 use chardiff_train::candle::Params;
 use chardiff_train::checkpoint::TrainedModel;
 use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, Trainer};
@@ -109,7 +109,7 @@ fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u6
 /// Max |x0_candle - x0_tract| over random inputs at several batch sizes.
 /// The ONNX file and its NNEF conversion are both checked.
 fn parity(model: TrainedModel) -> f32 {
-    let onnx = to_onnx_bytes(&model).unwrap();
+    let onnx = to_onnx_bytes(&model, Precision::F32).unwrap();
     let mut tract = TractDenoiser::from_bytes(&onnx).unwrap();
     let mut nnef = TractDenoiser::from_bytes(&onnx_to_nnef(&onnx).unwrap()).unwrap();
     // Parity on an all-zero output would prove nothing.
@@ -157,7 +157,8 @@ fn training_lowers_the_validation_loss_and_tract_matches_the_trained_model() {
 #[test]
 fn same_seed_gives_the_same_text_on_candle_and_tract() {
     let model = clone_model(&trained().model);
-    let mut tract = TractDenoiser::from_bytes(&to_onnx_bytes(&model).unwrap()).unwrap();
+    let mut tract =
+        TractDenoiser::from_bytes(&to_onnx_bytes(&model, Precision::F32).unwrap()).unwrap();
     let mut candle = model.denoiser();
     let config = SamplerConfig { steps: 20, td: 1.0, rule: StepRule::Ddim, seed: 42 };
     let a = sample(&mut candle, &config, 3, None, |_, _| {}).unwrap();
@@ -172,4 +173,26 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
         sample(&mut candle, &ddpm, 2, None, |_, _| {}).unwrap(),
         sample(&mut tract, &ddpm, 2, None, |_, _| {}).unwrap()
     );
+}
+
+#[test]
+fn f16_files_stay_close_to_f32_and_say_what_they_compute_in() {
+    let model = clone_model(&trained().model);
+    let f32_file = to_onnx_bytes(&model, Precision::F32).unwrap();
+    let f16_file = to_onnx_bytes(&model, Precision::F16).unwrap();
+    let mut reference = TractDenoiser::from_bytes(&f32_file).unwrap();
+    let mut widened = TractDenoiser::from_bytes(&f16_file).unwrap();
+    assert_eq!(widened.spec().precision, Precision::F16);
+    let native = if native_f16() { Precision::F16 } else { Precision::F32 };
+    assert_eq!(widened.compute(), native, "f16 arithmetic only where the CPU has it");
+    let cpu = chardiff_runtime::tract::Device::Cpu;
+    let mut f16 = TractDenoiser::from_bytes_with(&f16_file, cpu, Some(Precision::F16)).unwrap();
+    assert_eq!(f16.compute(), Precision::F16);
+    for (what, net, limit) in [("f16 weights", &mut widened, 1e-2), ("f16 compute", &mut f16, 3e-2)]
+    {
+        let diff = max_x0_difference(&mut reference, net, 3, 1).unwrap();
+        eprintln!("{what}: max |x0 diff| vs f32 = {diff:.2e}");
+        assert!(diff <= limit, "{what}: {diff}");
+    }
+    assert!(matches!(onnx_to_nnef(&f16_file), Err(LoadError::NnefF16)));
 }

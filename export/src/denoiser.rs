@@ -3,10 +3,11 @@
 
 use crate::graph::{attr_float, attr_int, attr_ints, attr_string, Dim, GraphBuilder};
 use chardiff_runtime::denoiser::io;
-use chardiff_runtime::Head;
+use chardiff_runtime::{Head, ModelSpec, Precision};
 use chardiff_train::model::{self, Init, Ops, LN_EPS};
 use chardiff_train::TrainedModel;
 use std::collections::BTreeMap;
+use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::ModelProto;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum ExportError {
 struct OnnxOps<'a> {
     g: GraphBuilder,
     weights: &'a BTreeMap<String, candle_core::Tensor>,
+    precision: Precision,
+    /// Index tensors already written (every block gathers with the same indices).
+    indices: BTreeMap<Vec<usize>, String>,
 }
 
 impl OnnxOps<'_> {
@@ -45,7 +49,16 @@ impl Ops for OnnxOps<'_> {
             });
         }
         let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.g.initializer_f32(name, shape, &data))
+        match self.precision {
+            Precision::F32 => Ok(self.g.initializer_f32(name, shape, &data)),
+            // f16 storage, widened by a Cast that tract folds at load: the graph computes in f32
+            // unless the runtime converts it.
+            Precision::F16 => {
+                let stored = self.g.initializer_f16(&format!("{name}.f16"), shape, &data);
+                let to_f32 = attr_int("to", DataType::Float as i64);
+                Ok(self.g.node("Cast", &[&stored], vec![to_f32]))
+            }
+        }
     }
 
     fn constant(
@@ -129,9 +142,16 @@ impl Ops for OnnxOps<'_> {
         indices: &[usize],
         shape: &[usize],
     ) -> Result<String, ExportError> {
-        let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-        let indices = self.g.initializer_i64(shape, &indices);
-        Ok(self.g.node("Gather", &[table, &indices], vec![attr_int("axis", 1)]))
+        let name = match self.indices.get(indices) {
+            Some(name) => name.clone(),
+            None => {
+                let values: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+                let name = self.g.initializer_i64(shape, &values);
+                self.indices.insert(indices.to_vec(), name.clone());
+                name
+            }
+        };
+        Ok(self.g.node("Gather", &[table, &name], vec![attr_int("axis", 1)]))
     }
 
     fn unsqueeze(&mut self, x: &String, axis: usize) -> Result<String, ExportError> {
@@ -140,11 +160,20 @@ impl Ops for OnnxOps<'_> {
     }
 }
 
-/// The model as one self-describing ONNX graph (f32), its spec in `metadata_props`.
-pub fn denoiser_graph(model: &TrainedModel) -> Result<ModelProto, ExportError> {
-    let spec = &model.spec;
+/// The model as one self-describing ONNX graph, weights stored at `precision`, its spec in
+/// `metadata_props`.
+pub fn denoiser_graph(
+    model: &TrainedModel,
+    precision: Precision,
+) -> Result<ModelProto, ExportError> {
+    let spec = &ModelSpec { precision, ..model.spec.clone() };
     let (l, k) = (spec.window, spec.bits);
-    let mut ops = OnnxOps { g: GraphBuilder::default(), weights: &model.weights };
+    let mut ops = OnnxOps {
+        g: GraphBuilder::default(),
+        weights: &model.weights,
+        precision,
+        indices: BTreeMap::new(),
+    };
     let bits = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(k)];
     let inputs = model::Inputs {
         x_t: ops.g.input(io::X_T, &bits),

@@ -45,6 +45,11 @@ impl GraphBuilder {
         self.push_initializer(name, dims, DataType::Float, raw)
     }
 
+    pub fn initializer_f16(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let raw = data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        self.push_initializer(name, dims, DataType::Float16, raw)
+    }
+
     pub fn initializer_i64(&mut self, dims: &[usize], data: &[i64]) -> String {
         let name = self.fresh("const");
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -8,6 +8,7 @@ pub mod graph;
 pub use denoiser::{denoiser_graph, ExportError};
 
 use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
+use chardiff_runtime::Precision;
 use chardiff_train::checkpoint::{write_atomic, CheckpointError};
 use chardiff_train::TrainedModel;
 use prost::Message;
@@ -19,8 +20,9 @@ pub enum Error {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Export(#[from] ExportError),
-    #[error("converting to NNEF: {0}")]
+    #[error("converting to NNEF")]
     Nnef(#[from] LoadError),
+
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -33,11 +35,17 @@ pub struct Summary {
 }
 
 /// Exports the run in `dir` (its EMA weights when it has them) to `out`, atomically.
-pub fn export_run(dir: &Path, out: &Path, format: Format) -> Result<Summary, Error> {
+pub fn export_run(
+    dir: &Path,
+    out: &Path,
+    format: Format,
+    precision: Precision,
+) -> Result<Summary, Error> {
     let model = TrainedModel::load(dir)?;
+    let onnx = to_onnx_bytes(&model, precision)?;
     let bytes = match format {
-        Format::Onnx => to_onnx_bytes(&model)?,
-        Format::Nnef => onnx_to_nnef(&to_onnx_bytes(&model)?)?,
+        Format::Onnx => onnx,
+        Format::Nnef => onnx_to_nnef(&onnx)?,
     };
     write_atomic(out, &bytes).map_err(|source| Error::Write { path: out.to_path_buf(), source })?;
     Ok(Summary {
@@ -48,6 +56,6 @@ pub fn export_run(dir: &Path, out: &Path, format: Format) -> Result<Summary, Err
 }
 
 /// The model as the bytes of an ONNX file.
-pub fn to_onnx_bytes(model: &TrainedModel) -> Result<Vec<u8>, ExportError> {
-    Ok(denoiser_graph(model)?.encode_to_vec())
+pub fn to_onnx_bytes(model: &TrainedModel, precision: Precision) -> Result<Vec<u8>, ExportError> {
+    Ok(denoiser_graph(model, precision)?.encode_to_vec())
 }

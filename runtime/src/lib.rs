@@ -18,4 +18,4 @@ pub use bits::{AnalogBits, BitCode, Charset, BITS};
 pub use denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
 pub use sampler::{sample, ConditioningMethod, SampleError, SamplerConfig, StepRule};
 pub use schedule::Schedule;
-pub use spec::{Head, ModelSpec, Provenance, SpecError};
+pub use spec::{Head, ModelSpec, Precision, Provenance, SpecError};

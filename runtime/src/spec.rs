@@ -47,6 +47,19 @@ pub struct ModelSpec {
     /// Asymmetric time delta, in sampling steps.
     pub recommended_td: f32,
     pub provenance: Provenance,
+    /// How the file stores the network's weights (files from before f16 export: f32).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Storage precision of a model file's weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Half the file; computed in f32 (weights widened at load) unless the CPU has native fp16.
+    F16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +172,7 @@ pub(crate) mod tests {
                 steps: 5,
                 date: "2026-11-28".into(),
             },
+            precision: Precision::F32,
         }
     }
 

@@ -5,7 +5,7 @@
 //! NNEF is always readable; ONNX needs the `onnx` feature (tract-onnx), which edge builds leave out.
 
 use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
-use crate::spec::{ModelSpec, SpecError};
+use crate::spec::{ModelSpec, Precision, SpecError};
 use std::path::{Path, PathBuf};
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
@@ -41,6 +41,8 @@ pub enum LoadError {
     Spec(#[from] SpecError),
     #[error("the graph does not follow the chardiff I/O contract: {0}")]
     Contract(String),
+    #[error("NNEF archives are written in f32 (tract folds f16 weights to f32 when it prepares a graph): keep f16 models as ONNX")]
+    NnefF16,
     #[error("tract could not prepare the graph: {0}")]
     Tract(String),
     #[error("this chardiff was built without CUDA support: rebuild with `cargo build --release --features cuda`")]
@@ -55,8 +57,16 @@ pub struct TractDenoiser {
     state: Box<dyn State>,
     runnable: Box<dyn Runnable>,
     device: Device,
+    /// What the network computes in: inputs and outputs are converted at the boundary.
+    compute: Precision,
     /// Why `Device::Auto` fell back to the CPU.
     fallback: Option<String>,
+}
+
+/// Whether this CPU has native fp16 arithmetic (aarch64 FEAT_FP16) that tract's kernels use.
+/// Elsewhere tract computes f16 in scalar code, tens of times slower than f32.
+pub fn native_f16() -> bool {
+    tract_nnef::tract_core::tract_linalg::has_fp16()
 }
 
 impl TractDenoiser {
@@ -65,9 +75,18 @@ impl TractDenoiser {
     }
 
     pub fn load_on(path: &Path, device: Device) -> Result<TractDenoiser, LoadError> {
+        TractDenoiser::load_with(path, device, None)
+    }
+
+    /// `load_on` with a choice of arithmetic (see `from_bytes_with`).
+    pub fn load_with(
+        path: &Path,
+        device: Device,
+        compute: Option<Precision>,
+    ) -> Result<TractDenoiser, LoadError> {
         let bytes = std::fs::read(path)
             .map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
-        TractDenoiser::from_bytes_on(&bytes, device)
+        TractDenoiser::from_bytes_with(&bytes, device, compute)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<TractDenoiser, LoadError> {
@@ -75,7 +94,25 @@ impl TractDenoiser {
     }
 
     pub fn from_bytes_on(bytes: &[u8], device: Device) -> Result<TractDenoiser, LoadError> {
-        let (spec, model) = decluttered_model(bytes)?;
+        TractDenoiser::from_bytes_with(bytes, device, None)
+    }
+
+    /// `compute`: f32 or f16 arithmetic; by default f16 only for f16 weights on a CPU with
+    /// native fp16, otherwise f32 (f16 weights are then widened once, at load).
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        device: Device,
+        compute: Option<Precision>,
+    ) -> Result<TractDenoiser, LoadError> {
+        let (spec, mut model) = decluttered_model(bytes)?;
+        let native = spec.precision == Precision::F16 && native_f16();
+        let compute = compute.unwrap_or(if native { Precision::F16 } else { Precision::F32 });
+        if compute == Precision::F16 {
+            let to_f16 = tract_nnef::tract_core::transform::get_transform("f32_to_f16")
+                .map_err(tract_error)?
+                .expect("tract-core registers f32_to_f16");
+            model = to_f16.transform_into(model).map_err(tract_error)?;
+        }
         let (runnable, device, fallback) = match device {
             Device::Cpu => (prepare_cpu(model)?, Device::Cpu, None),
             Device::Cuda => (prepare_cuda(model)?, Device::Cuda, None),
@@ -85,7 +122,12 @@ impl TractDenoiser {
             },
         };
         let state = runnable.spawn().map_err(tract_error)?;
-        Ok(TractDenoiser { spec, state, runnable, device, fallback })
+        Ok(TractDenoiser { spec, state, runnable, device, compute, fallback })
+    }
+
+    /// What the network computes in.
+    pub fn compute(&self) -> Precision {
+        self.compute
     }
 
     /// Where the network actually runs.
@@ -182,6 +224,9 @@ fn decluttered_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError>
 #[cfg(feature = "onnx")]
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
     let (spec, mut model) = decluttered_model(onnx_bytes)?;
+    if spec.precision != Precision::F32 {
+        return Err(LoadError::NnefF16);
+    }
     model.properties.clear();
     for (key, value) in spec.to_metadata() {
         model.properties.insert(key, rctensor0(value));
@@ -311,19 +356,25 @@ impl Denoiser for TractDenoiser {
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
         let (b, l, k) = (input.batch, self.spec.window, self.spec.bits);
+        let f16 = self.compute == Precision::F16;
+        // The diffusion state stays f32; an f16 network gets f16 copies at its boundary.
+        let tensor = |shape: &[usize], data: &[f32]| -> TractResult<TValue> {
+            let t = Tensor::from_shape(shape, data)?;
+            Ok(if f16 { t.cast_to::<f16>()?.into_owned() } else { t }.into())
+        };
         let mut inputs: TVec<TValue> = tvec![
-            Tensor::from_shape(&[b, l, k], input.x_t)?.into(),
-            Tensor::from_shape(&[b, l, k], input.x_self)?.into(),
-            Tensor::from_shape(&[b], input.t)?.into(),
+            tensor(&[b, l, k], input.x_t)?,
+            tensor(&[b, l, k], input.x_self)?,
+            tensor(&[b], input.t)?,
         ];
         if self.spec.conditioning {
             let c = input.condition.ok_or("a conditional model needs `cond` and `cond_mask`")?;
-            inputs.push(Tensor::from_shape(&[b, l, k], c.cond)?.into());
-            inputs.push(Tensor::from_shape(&[b, l, 1], c.mask)?.into());
+            inputs.push(tensor(&[b, l, k], c.cond)?);
+            inputs.push(tensor(&[b, l, 1], c.mask)?);
         }
         let outputs = self.state.run(inputs)?;
-        let view = outputs[0].try_as_plain_ram()?;
-        x0.copy_from_slice(view.as_slice::<f32>()?);
+        let x0_out = outputs[0].cast_to::<f32>()?;
+        x0.copy_from_slice(x0_out.try_as_plain_ram()?.as_slice::<f32>()?);
         Ok(())
     }
 }

@@ -3,14 +3,25 @@
 //! rate of the evaluation samples, against the step.
 
 use crate::checkpoint::{write_atomic, CheckpointError, METRICS_FILE};
-use crate::trainer::EvalRecord;
+use chardiff_runtime::metrics::Quality;
 use plotters::prelude::*;
+use serde::Deserialize;
 use std::path::Path;
 
 pub const CURVES_FILE: &str = "curves.svg";
 
+/// What the picture needs of one `metrics.jsonl` line (`EvalRecord`). A loss is absent (null)
+/// where it was not a number, e.g. the training loss of the evaluation before the first step.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Point {
+    pub step: u64,
+    pub train_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub quality: Option<Quality>,
+}
+
 /// Every evaluation recorded in the run's `metrics.jsonl`, in order.
-pub fn read_records(dir: &Path) -> Result<Vec<EvalRecord>, CheckpointError> {
+pub fn read_records(dir: &Path) -> Result<Vec<Point>, CheckpointError> {
     let path = dir.join(METRICS_FILE);
     let text = std::fs::read_to_string(&path)
         .map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
@@ -36,14 +47,14 @@ pub fn write_curves(dir: &Path) -> Result<(), CheckpointError> {
 }
 
 /// The SVG text: loss above, word rate below, one shared step axis.
-pub fn svg(records: &[EvalRecord]) -> Result<String, String> {
+pub fn svg(records: &[Point]) -> Result<String, String> {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (900, 640)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let (top, bottom) = root.split_vertically(380);
         let last_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1);
-        let losses = records.iter().flat_map(|r| [r.train_loss, r.val_loss]);
+        let losses = records.iter().flat_map(|r| [r.train_loss, r.val_loss]).flatten();
         let (lo, hi) = losses.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let (lo, hi) = if lo <= hi { (lo * 0.95, hi * 1.05) } else { (0.0, 1.0) };
         series(
@@ -54,12 +65,12 @@ pub fn svg(records: &[EvalRecord]) -> Result<String, String> {
                 (
                     "train (mean since last eval)",
                     BLUE,
-                    records.iter().map(|r| (r.step, r.train_loss)).collect(),
+                    records.iter().filter_map(|r| Some((r.step, r.train_loss?))).collect(),
                 ),
                 (
                     "validation (EMA weights)",
                     RED,
-                    records.iter().map(|r| (r.step, r.val_loss)).collect(),
+                    records.iter().filter_map(|r| Some((r.step, r.val_loss?))).collect(),
                 ),
             ],
         )?;
@@ -115,19 +126,10 @@ fn series<DB: DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chardiff_runtime::metrics::Quality;
 
-    fn record(step: u64, loss: f64, words: Option<f64>) -> EvalRecord {
+    fn record(step: u64, loss: f64, words: Option<f64>) -> Point {
         let quality = words.map(|word_rate| Quality { word_rate, ..Quality::default() });
-        EvalRecord {
-            step,
-            train_loss: loss + 0.01,
-            val_loss: loss,
-            seconds: step as f64,
-            tokens: step * 100,
-            samples: vec![],
-            quality,
-        }
+        Point { step, train_loss: Some(loss + 0.01), val_loss: Some(loss), quality }
     }
 
     #[test]
@@ -140,5 +142,9 @@ mod tests {
         assert!(picture.matches("<polyline").count() >= 3, "three curves");
         svg(&[]).unwrap();
         svg(&[record(0, 0.3, None)]).unwrap();
+        let first: Point =
+            serde_json::from_str(r#"{"step":0,"train_loss":null,"val_loss":0.7,"quality":null}"#)
+                .unwrap();
+        assert!(svg(&[first]).unwrap().contains("<svg"));
     }
 }

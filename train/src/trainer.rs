@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use chardiff_runtime::corpus::{Corpus, CorpusError, Preprocess};
 use chardiff_runtime::metrics::{quality, vocabulary, Quality};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
-use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
+use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Head, ModelSpec, Schedule, BITS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -262,6 +262,7 @@ impl Trainer {
                 steps: 0,
                 date: today(),
             },
+            precision: Precision::F32,
         };
         let params = Params::initialized(config.seed, dtype, &model, &spec)?;
         let optim = AdamW::new(adam_config(&config), &params)?;

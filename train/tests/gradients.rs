@@ -2,7 +2,7 @@
 //! whose gradients silently vanish, so "has a gradient" is not enough: the values must match.
 
 use candle_core::{DType, Device, Tensor};
-use chardiff_runtime::spec::{Provenance, FORMAT_VERSION};
+use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use chardiff_train::candle::{CandleOps, Params};
 use chardiff_train::model::{self, Activation, AttentionBias, ModelConfig};
@@ -29,6 +29,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
             steps: 0,
             date: String::new(),
         },
+        precision: Precision::F32,
     }
 }
 

@@ -24,6 +24,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
             steps: 0,
             date: String::new(),
         },
+        precision: Precision::F32,
     }
 }
 
