@@ -11,6 +11,7 @@ use chardiff_runtime::Denoiser;
 use chardiff_runtime::Precision;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::PathBuf;
 
 // Tensor code allocates and frees large buffers at every op; glibc returns them to the OS and
@@ -251,6 +252,14 @@ fn main() {
         Command::Parity(args) => bench::parity(args),
     };
     if let Err(e) = result {
+        // `chardiff sample | head -3`: the reader left; that is not a failure.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -299,7 +308,7 @@ fn run_sample(args: SampleArgs) -> Result<()> {
             .collect()
     };
     for text in texts {
-        println!("➜ {}", String::from_utf8_lossy(&text));
+        writeln!(std::io::stdout(), "➜ {}", String::from_utf8_lossy(&text))?;
     }
     Ok(())
 }
