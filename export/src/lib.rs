@@ -23,7 +23,7 @@ pub enum Error {
     #[error("converting to NNEF")]
     Nnef(#[from] LoadError),
 
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write { path: PathBuf, source: std::io::Error },
 }
 

@@ -18,7 +18,7 @@ pub enum Preprocess {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
-    #[error("cannot read corpus {path}: {source}")]
+    #[error("cannot read corpus {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("corpus {0} is empty: give a text file to learn from")]
     Empty(PathBuf),

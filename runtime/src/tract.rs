@@ -25,7 +25,7 @@ pub enum Device {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read model file {path}: {source}")]
+    #[error("cannot read model file {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("not an ONNX model (the file does not parse as ONNX protobuf): {0}")]
     NotOnnx(String),

@@ -27,7 +27,7 @@ pub const ADAM_V: &str = "adam_v/";
 pub enum CheckpointError {
     #[error("{dir} is not a chardiff run directory: {file} is missing")]
     Missing { dir: PathBuf, file: &'static str },
-    #[error("cannot read or write {path}: {source}")]
+    #[error("cannot read or write {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is invalid: {message}")]
     Invalid { path: PathBuf, message: String },
