@@ -72,6 +72,12 @@ enum Command {
         /// Weight storage: f32, or f16 (half the file).
         #[arg(long, default_value = "f32", value_parser = enum_arg::<Precision>)]
         precision: Precision,
+        /// Sampling steps the file recommends [default: the run's --sample-steps].
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Asymmetric time delta the file recommends [default: the run's --sample-td].
+        #[arg(long)]
+        td: Option<f32>,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -237,7 +243,15 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out, format, precision } => export(run, out, format, precision),
+        Command::Export { run, out, format, precision, steps, td } => {
+            let options = chardiff_export::Options {
+                format,
+                precision,
+                recommended_steps: steps,
+                recommended_td: td,
+            };
+            export(run, out, options)
+        }
         #[cfg(feature = "train")]
         Command::Curves { run } => chardiff_train::write_curves(&run)
             .map(|()| {
@@ -654,8 +668,8 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 #[cfg(feature = "train")]
-fn export(run: PathBuf, out: PathBuf, format: Format, precision: Precision) -> Result<()> {
-    let summary = chardiff_export::export_run(&run, &out, format, precision)
+fn export(run: PathBuf, out: PathBuf, options: chardiff_export::Options) -> Result<()> {
+    let summary = chardiff_export::export_run(&run, &out, options)
         .with_context(|| format!("exporting {}", run.display()))?;
     eprintln!(
         "wrote {} ({:.1} MB, {} parameters, trained {} steps)",

@@ -89,6 +89,18 @@ fn train_export_sample_and_resume_through_the_cli() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = chardiff(&["sample", "--model", s(&nnef), "-n", "3", "--steps", "10", "--seed", "1"]);
     assert_eq!(String::from_utf8(out.stdout).unwrap(), text, "NNEF and ONNX, same text");
+
+    // Sampling settings measured after training become the file's recommendation.
+    let tuned = dir.path().join("tuned.onnx");
+    let out = chardiff(&["export", s(&run), "--out", s(&tuned), "--steps", "7", "--td", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bench = chardiff(&["bench", "--model", s(&tuned), "--batch", "1", "--no-full", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert_eq!(report["steps"], 7);
+    fails_with(
+        &["export", s(&run), "--out", s(&tuned), "--steps", "0"],
+        "recommended steps must be > 0",
+    );
 }
 
 #[test]

@@ -16,6 +16,8 @@ pub enum ExportError {
     MissingParam(String),
     #[error("parameter `{name}` has shape {found:?}, the model needs {expected:?}")]
     Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error(transparent)]
+    Spec(#[from] chardiff_runtime::SpecError),
     #[error("cannot read the weights: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -34,16 +34,37 @@ pub struct Summary {
     pub training_steps: u64,
 }
 
+/// How to write a model file.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub format: Format,
+    pub precision: Precision,
+    /// Sampling steps and td the file recommends, when measured after training (`chardiff
+    /// eval`) rather than the run's settings.
+    pub recommended_steps: Option<usize>,
+    pub recommended_td: Option<f32>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            format: Format::Onnx,
+            precision: Precision::F32,
+            recommended_steps: None,
+            recommended_td: None,
+        }
+    }
+}
+
 /// Exports the run in `dir` (its EMA weights when it has them) to `out`, atomically.
-pub fn export_run(
-    dir: &Path,
-    out: &Path,
-    format: Format,
-    precision: Precision,
-) -> Result<Summary, Error> {
-    let model = TrainedModel::load(dir)?;
-    let onnx = to_onnx_bytes(&model, precision)?;
-    let bytes = match format {
+pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, Error> {
+    let mut model = TrainedModel::load(dir)?;
+    let spec = &mut model.spec;
+    spec.recommended_steps = options.recommended_steps.unwrap_or(spec.recommended_steps);
+    spec.recommended_td = options.recommended_td.unwrap_or(spec.recommended_td);
+    spec.validate().map_err(|e| Error::Export(ExportError::Spec(e)))?;
+    let onnx = to_onnx_bytes(&model, options.precision)?;
+    let bytes = match options.format {
         Format::Onnx => onnx,
         Format::Nnef => onnx_to_nnef(&onnx)?,
     };
