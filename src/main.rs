@@ -686,10 +686,7 @@ fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
     let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
     let nnef = chardiff_runtime::tract::onnx_to_nnef(&onnx)
         .with_context(|| format!("converting {}", model.display()))?;
-    // Write next to the target and rename, so a failed write never leaves half a model.
-    let partial = out.with_extension("partial");
-    std::fs::write(&partial, &nnef)
-        .and_then(|()| std::fs::rename(&partial, &out))
+    chardiff_runtime::files::write_atomic(&out, &nnef)
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {} ({:.1} MB)", out.display(), nnef.len() as f64 / 1e6);
     Ok(())

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bits;
 pub mod corpus;
 pub mod denoiser;
+pub mod files;
 pub mod generate;
 pub mod metrics;
 pub mod sampler;

@@ -33,15 +33,7 @@ pub enum CheckpointError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+pub use chardiff_runtime::files::write_atomic;
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), CheckpointError> {
     let text = serde_json::to_string_pretty(value).expect("settings always serialize");
