@@ -8,7 +8,7 @@ use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepR
 use chardiff_runtime::tract::Format;
 use chardiff_runtime::tract::{native_f16, Device, TractDenoiser};
 use chardiff_runtime::Denoiser;
-use chardiff_runtime::Precision;
+use chardiff_runtime::{ModelSpec, Precision};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -191,19 +191,32 @@ impl SamplingFlags {
         Ok(net)
     }
 
-    fn load(&self) -> Result<(TractDenoiser, SamplerConfig)> {
-        let net = self.load_on(self.device)?;
-        if let Some(why) = net.fallback_reason() {
+    /// The model, with its plan prepared for `batch` sequences per call (which, with
+    /// `--device auto`, decides the device), and the sampler's settings.
+    fn load(&self, batch: usize) -> Result<(TractDenoiser, SamplerConfig)> {
+        let mut net = self.load_on(self.device)?;
+        self.prepare(&mut net, batch)?;
+        let config = self.sampler_config(net.spec());
+        Ok((net, config))
+    }
+
+    fn prepare(&self, net: &mut TractDenoiser, batch: usize) -> Result<()> {
+        let auto = net.device() == Device::Auto;
+        net.prepare(batch)
+            .with_context(|| format!("preparing {} for batch {batch}", self.model_name()))?;
+        if let Some(why) = net.fallback_reason().filter(|_| auto) {
             eprintln!("note: --device auto runs on the CPU: {why}");
         }
-        let spec = net.spec();
-        let config = SamplerConfig {
+        Ok(())
+    }
+
+    fn sampler_config(&self, spec: &ModelSpec) -> SamplerConfig {
+        SamplerConfig {
             steps: self.steps.unwrap_or(spec.recommended_steps),
             td: self.td.unwrap_or(spec.recommended_td),
             rule: self.sampler,
             seed: self.seed,
-        };
-        Ok((net, config))
+        }
     }
 }
 
@@ -280,7 +293,7 @@ fn main() {
 }
 
 fn run_sample(args: SampleArgs) -> Result<()> {
-    let (mut net, config) = args.sampling.load()?;
+    let (mut net, config) = args.sampling.load(args.n)?;
     let spec = net.spec().clone();
     let conditional = args.prompt.is_some() || args.infill.is_some();
     if conditional && ConditioningMethod::for_spec(&spec) == ConditioningMethod::Replacement {
@@ -370,7 +383,8 @@ mod bench {
 
     /// The --device plan against the CPU plan of the same file.
     pub fn parity(args: ParityArgs) -> Result<()> {
-        let (mut device, config) = args.sampling.load()?;
+        let first = args.batch.first().copied().unwrap_or(1);
+        let (mut device, config) = args.sampling.load(first)?;
         let mut cpu = args.sampling.load_on(Device::Cpu)?;
         println!("device plan: {:?}", device.device());
         for (op, n) in device.plan_ops() {
@@ -405,6 +419,8 @@ mod bench {
     struct Row {
         #[serde(flatten)]
         step: StepLatency,
+        /// Fixing the batch size in the graph and preparing its plan.
+        prepare_ms: f64,
         /// Seconds for a whole sample at the given steps, and characters per second.
         full_sample_s: Option<f64>,
         chars_per_s: Option<f64>,
@@ -414,6 +430,7 @@ mod bench {
     struct Report {
         model: String,
         device: String,
+        /// Reading the file into a graph (the plans are prepared per batch size).
         load_ms: f64,
         steps: usize,
         rows: Vec<Row>,
@@ -421,13 +438,17 @@ mod bench {
     }
 
     pub fn run(args: BenchArgs) -> Result<()> {
+        anyhow::ensure!(args.batch.iter().all(|&b| b > 0), "batch sizes must be at least 1");
         let start = Instant::now();
-        let (mut net, config) = args.sampling.load()?;
+        let mut net = args.sampling.load_on(args.sampling.device)?;
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        let config = args.sampling.sampler_config(net.spec());
         let window = net.spec().window;
         let mut rows = Vec::new();
         for &batch in &args.batch {
-            anyhow::ensure!(batch > 0, "batch sizes must be at least 1");
+            let start = Instant::now();
+            args.sampling.prepare(&mut net, batch)?;
+            let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
             let step = step_latency(&mut net, batch, args.warmup, args.iterations)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let full_sample_s = if args.no_full {
@@ -438,7 +459,7 @@ mod bench {
                 Some(start.elapsed().as_secs_f64())
             };
             let chars_per_s = full_sample_s.map(|s| (batch * window) as f64 / s);
-            rows.push(Row { step, full_sample_s, chars_per_s });
+            rows.push(Row { step, prepare_ms, full_sample_s, chars_per_s });
         }
         let report = Report {
             model: args.sampling.model_name(),
@@ -452,10 +473,11 @@ mod bench {
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
         }
-        println!("{} on {}: loaded in {:.1} ms", report.model, report.device, report.load_ms);
+        println!("{} on {}: read in {:.1} ms", report.model, report.device, report.load_ms);
         println!(
-            "{:>6} {:>10} {:>10} {:>10} {:>16} {:>10}",
+            "{:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10}",
             "batch",
+            "prepare ms",
             "median ms",
             "p10 ms",
             "p90 ms",
@@ -465,8 +487,9 @@ mod bench {
         for r in &report.rows {
             let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
             println!(
-                "{:>6} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
+                "{:>6} {:>11.1} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
                 r.step.batch,
+                r.prepare_ms,
                 r.step.median_ms,
                 r.step.p10_ms,
                 r.step.p90_ms,
@@ -535,7 +558,7 @@ mod eval {
                 (lines, format!("{}", path.display()))
             }
             None => {
-                let (mut net, config) = args.sampling.load()?;
+                let (mut net, config) = args.sampling.load(args.n)?;
                 let bar = progress_bar(config.steps as u64, "sampling");
                 let texts =
                     sample(&mut net, &config, args.n, None, |i, _| bar.set_position(i as u64))?;
@@ -571,7 +594,7 @@ mod eval {
 
     /// Word rates of generated spans and of the words straddling their boundaries.
     fn seams(args: &EvalArgs, mode: &str) -> Result<()> {
-        let (mut net, config) = args.sampling.load()?;
+        let (mut net, config) = args.sampling.load(args.n)?;
         let spec = net.spec().clone();
         let (window, half) = (spec.window, spec.window / 2);
         let corpus = Corpus::load(&args.corpus, args.preprocess, window)

@@ -1,6 +1,8 @@
-//! The tract backend: an exported denoiser (ONNX, or tract's NNEF archive) goes load -> typed ->
-//! decluttered -> prepared by a tract runtime (CPU: optimized plan; CUDA: the same graph translated
-//! to GPU kernels) once, and one state is reused for every denoising step.
+//! The tract backend: an exported denoiser (ONNX, or tract's NNEF archive) is read into a typed
+//! graph once, with the batch size a symbol. The first call with a batch size fixes the symbol and
+//! prepares a plan for it with a tract runtime (CPU: optimized plan; CUDA: the same graph
+//! translated to GPU kernels); its state is reused for every denoising step at that size.
+//! A concrete batch halves tract's optimization time (start-up) and gives a leaner plan.
 //!
 //! NNEF is always readable; ONNX needs the `onnx` feature (tract-onnx), which edge builds leave out.
 
@@ -9,6 +11,9 @@ use crate::spec::{ModelSpec, Precision, SpecError};
 use std::path::{Path, PathBuf};
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
+
+/// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
+pub const BATCH_SYMBOL: &str = "batch";
 
 #[cfg(feature = "cuda")]
 use tract_cuda as _; // links the "cuda" runtime into tract's registry
@@ -45,6 +50,8 @@ pub enum LoadError {
     NnefF16,
     #[error("tract could not prepare the graph: {0}")]
     Tract(String),
+    #[error("the graph's batch axis is not the `{BATCH_SYMBOL}` symbol")]
+    NoBatchSymbol,
     #[error("this chardiff was built without CUDA support: rebuild with `cargo build --release --features cuda`")]
     CudaNotBuilt,
     #[error("CUDA is not usable here: {0}")]
@@ -54,13 +61,23 @@ pub enum LoadError {
 /// A denoiser running an exported graph with tract, f32, on the CPU or a GPU.
 pub struct TractDenoiser {
     spec: ModelSpec,
-    state: Box<dyn State>,
-    runnable: Box<dyn Runnable>,
+    /// The graph as read, batch symbolic (in f16 when computing in f16).
+    model: TypedModel,
+    /// The plan for the last batch size used.
+    plan: Option<Plan>,
+    /// Asked for until the first plan is prepared, then where the network runs.
     device: Device,
     /// What the network computes in: inputs and outputs are converted at the boundary.
     compute: Precision,
     /// Why `Device::Auto` fell back to the CPU.
     fallback: Option<String>,
+}
+
+/// The graph prepared for one batch size, and its state (buffers reused across steps).
+struct Plan {
+    batch: usize,
+    runnable: Box<dyn Runnable>,
+    state: Box<dyn State>,
 }
 
 /// Whether this CPU has native fp16 arithmetic (aarch64 FEAT_FP16) that tract's kernels use.
@@ -98,31 +115,59 @@ impl TractDenoiser {
     }
 
     /// `compute`: f32 or f16 arithmetic; by default f16 only for f16 weights on a CPU with
-    /// native fp16, otherwise f32 (f16 weights are then widened once, at load).
+    /// native fp16, otherwise f32 (f16 weights are then widened once, when a plan is prepared).
+    /// Nothing is prepared yet: see `prepare`.
     pub fn from_bytes_with(
         bytes: &[u8],
         device: Device,
         compute: Option<Precision>,
     ) -> Result<TractDenoiser, LoadError> {
-        let (spec, mut model) = decluttered_model(bytes)?;
+        let (spec, mut model) = typed_model(bytes)?;
         let native = spec.precision == Precision::F16 && native_f16();
         let compute = compute.unwrap_or(if native { Precision::F16 } else { Precision::F32 });
         if compute == Precision::F16 {
             let to_f16 = tract_nnef::tract_core::transform::get_transform("f32_to_f16")
                 .map_err(tract_error)?
                 .expect("tract-core registers f32_to_f16");
-            model = to_f16.transform_into(model).map_err(tract_error)?;
+            model = to_f16
+                .transform_into(model.into_decluttered().map_err(tract_error)?)
+                .map_err(tract_error)?;
         }
-        let (runnable, device, fallback) = match device {
-            Device::Cpu => (prepare_cpu(model)?, Device::Cpu, None),
-            Device::Cuda => (prepare_cuda(model)?, Device::Cuda, None),
+        if device == Device::Cuda {
+            cuda_available()?;
+        }
+        Ok(TractDenoiser { spec, model, plan: None, device, compute, fallback: None })
+    }
+
+    /// Prepares the plan for `batch` sequences per call, unless it is the current one.
+    /// `denoise` does this itself; calling it first separates the preparation time and its
+    /// errors from the first step. With `Device::Auto`, the first plan decides the device.
+    pub fn prepare(&mut self, batch: usize) -> Result<(), LoadError> {
+        if self.plan.as_ref().is_some_and(|plan| plan.batch == batch) {
+            return Ok(());
+        }
+        self.plan = None; // the old plan's buffers go before the new ones are made
+        let symbol = self.model.symbols.get(BATCH_SYMBOL).ok_or(LoadError::NoBatchSymbol)?;
+        let fixed = std::collections::HashMap::from([(symbol, (batch as i64).to_dim())]);
+        let model = self.model.set_symbols(&fixed).map_err(tract_error)?;
+        let runnable = match self.device {
+            Device::Cpu => prepare_cpu(model)?,
+            Device::Cuda => prepare_cuda(model)?,
             Device::Auto => match prepare_cuda(model.clone()) {
-                Ok(runnable) => (runnable, Device::Cuda, None),
-                Err(why) => (prepare_cpu(model)?, Device::Cpu, Some(why.to_string())),
+                Ok(runnable) => {
+                    self.device = Device::Cuda;
+                    runnable
+                }
+                Err(why) => {
+                    self.device = Device::Cpu;
+                    self.fallback = Some(why.to_string());
+                    prepare_cpu(model)?
+                }
             },
         };
         let state = runnable.spawn().map_err(tract_error)?;
-        Ok(TractDenoiser { spec, state, runnable, device, compute, fallback })
+        self.plan = Some(Plan { batch, runnable, state });
+        Ok(())
     }
 
     /// What the network computes in.
@@ -130,7 +175,7 @@ impl TractDenoiser {
         self.compute
     }
 
-    /// Where the network actually runs.
+    /// Where the network runs (`Auto` until the first plan is prepared).
     pub fn device(&self) -> Device {
         self.device
     }
@@ -153,10 +198,10 @@ impl TractDenoiser {
     }
 
     /// Operator names of the prepared plan with how many nodes use each: on CUDA, the ones
-    /// without a GPU prefix run on the CPU.
+    /// without a GPU prefix run on the CPU. Empty before the first plan.
     pub fn plan_ops(&self) -> Vec<(String, usize)> {
         let mut counts = std::collections::BTreeMap::new();
-        if let Some(model) = self.runnable.typed_model() {
+        if let Some(model) = self.plan.as_ref().and_then(|plan| plan.runnable.typed_model()) {
             for node in model.nodes() {
                 *counts.entry(node.op.name().to_string()).or_insert(0) += 1;
             }
@@ -199,11 +244,28 @@ fn nnef() -> tract_nnef::internal::Nnef {
     tract_nnef::nnef()
 }
 
-/// Reads either format into the spec and the decluttered graph, checked against the contract.
-fn decluttered_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+/// `nnef()` for reading only, built without its copy of the parsed NNEF standard library, which
+/// only the writer uses (tract parses that text once more for its registry): ~4 ms of start-up.
+fn nnef_reader() -> tract_nnef::internal::Nnef {
+    use tract_nnef::resource::{DatLoader, GraphNnefLoader, GraphQuantLoader, ResourceLoader};
+    tract_nnef::internal::Nnef {
+        stdlib: Vec::new(),
+        registries: vec![tract_nnef::ops::tract_nnef(), tract_nnef::ops::tract_core()],
+        resource_loaders: vec![
+            GraphNnefLoader.into_boxed(),
+            DatLoader.into_boxed(),
+            GraphQuantLoader.into_boxed(),
+        ],
+        allow_extended_identifier_syntax: false,
+        extern_all_constants: false,
+    }
+}
+
+/// Reads either format into the spec and the typed graph, checked against the contract.
+fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
     let (spec, model) = match Format::of(bytes) {
         Format::Nnef => {
-            let model = nnef()
+            let model = nnef_reader()
                 .model_for_read(&mut &bytes[..])
                 .map_err(|e| LoadError::NotNnef(format!("{e:#}")))?;
             let text =
@@ -216,17 +278,18 @@ fn decluttered_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError>
         Format::Onnx => onnx::typed_model(bytes)?,
     };
     check_contract(&model, &spec)?;
-    Ok((spec, model.into_decluttered().map_err(tract_error)?))
+    Ok((spec, model))
 }
 
 /// Converts an ONNX model to tract's NNEF archive: the same graph, decluttered, with the spec as
 /// model properties (`chardiff.*`), with fixed timestamps in the tar.
 #[cfg(feature = "onnx")]
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let (spec, mut model) = decluttered_model(onnx_bytes)?;
+    let (spec, model) = typed_model(onnx_bytes)?;
     if spec.precision != Precision::F32 {
         return Err(LoadError::NnefF16);
     }
+    let mut model = model.into_decluttered().map_err(tract_error)?;
     model.properties.clear();
     for (key, value) in spec.to_metadata() {
         model.properties.insert(key, rctensor0(value));
@@ -278,21 +341,31 @@ fn prepare_cpu(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
 }
 
 #[cfg(not(feature = "cuda"))]
+fn cuda_available() -> Result<(), LoadError> {
+    Err(LoadError::CudaNotBuilt)
+}
+
+#[cfg(not(feature = "cuda"))]
 fn prepare_cuda(_: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
     Err(LoadError::CudaNotBuilt)
 }
 
+/// Whether tract's CUDA runtime can run here: a GPU and driver, and the toolkit headers NVRTC
+/// compiles tract's kernels against (said up front rather than deep inside a kernel compile).
+#[cfg(feature = "cuda")]
+fn cuda_available() -> Result<(), LoadError> {
+    cuda::runtime()?; // tract checks for a device and driver
+    cuda::headers().map(|_| ())
+}
+
 #[cfg(feature = "cuda")]
 fn prepare_cuda(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
-    let cuda_err = |e: TractError| LoadError::Cuda(format!("{e:#}"));
-    let runtime = runtime_for_name("cuda").map_err(cuda_err)?.ok_or(LoadError::CudaNotBuilt)?;
-    // NVRTC compiles tract's kernels at run time against the toolkit headers: say so up front
-    // rather than fail deep inside the first kernel compile.
-    cuda::headers()?;
+    cuda_available()?;
+    let runtime = cuda::runtime()?;
     let prepared =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.prepare(model)));
     match prepared {
-        Ok(result) => result.map_err(cuda_err),
+        Ok(result) => result.map_err(|e| LoadError::Cuda(format!("{e:#}"))),
         Err(_) => Err(LoadError::Cuda("tract-cuda failed while preparing the graph".into())),
     }
 }
@@ -301,6 +374,14 @@ fn prepare_cuda(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
 mod cuda {
     use super::LoadError;
     use std::path::PathBuf;
+    use tract_nnef::tract_core::runtime::{runtime_for_name, Runtime};
+
+    /// tract's CUDA runtime, once tract has checked for a usable device and driver.
+    pub fn runtime() -> Result<&'static dyn Runtime, LoadError> {
+        runtime_for_name("cuda")
+            .map_err(|e| LoadError::Cuda(format!("{e:#}")))?
+            .ok_or(LoadError::CudaNotBuilt)
+    }
 
     /// The CUDA toolkit include directory holding `cuda_fp16.h`, found as tract-cuda finds it:
     /// `CUDA_HOME`, then /usr/local/cuda, then the directory above `nvcc` on the PATH.
@@ -372,7 +453,9 @@ impl Denoiser for TractDenoiser {
             inputs.push(tensor(&[b, l, k], c.cond)?);
             inputs.push(tensor(&[b, l, 1], c.mask)?);
         }
-        let outputs = self.state.run(inputs)?;
+        self.prepare(b)?;
+        let plan = self.plan.as_mut().expect("prepared just above");
+        let outputs = plan.state.run(inputs)?;
         let x0_out = outputs[0].cast_to::<f32>()?;
         x0.copy_from_slice(x0_out.try_as_plain_ram()?.as_slice::<f32>()?);
         Ok(())
