@@ -6,7 +6,7 @@ use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
 #[cfg(feature = "train")]
 use chardiff_runtime::tract::Format;
-use chardiff_runtime::tract::{native_f16, Device, TractDenoiser};
+use chardiff_runtime::tract::{native_f16, Device, Parallelism, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use chardiff_runtime::{ModelSpec, Precision};
 use clap::{Parser, Subcommand};
@@ -130,6 +130,13 @@ struct SamplingFlags {
     /// (aarch64 FEAT_FP16); elsewhere tract's f16 is scalar code, tens of times slower].
     #[arg(long, value_parser = enum_arg::<Precision>)]
     compute: Option<Precision>,
+    /// CPU threads per network call [default: the cores available].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// How threads share a call: batch (parts of the batch, one state each), matmul (every
+    /// matrix product split), or auto (batch when it has at least as many sequences as threads).
+    #[arg(long, default_value = "auto", value_parser = enum_arg::<Parallelism>)]
+    parallelism: Parallelism,
 }
 
 impl SamplingFlags {
@@ -139,6 +146,15 @@ impl SamplingFlags {
             (Some(path), _) => path.display().to_string(),
             (None, Some(_)) => "default model (embedded)".into(),
             (None, None) => DEFAULT_MODEL.into(),
+        }
+    }
+
+    /// CPU threads per network call.
+    fn threads(&self) -> Result<usize> {
+        match self.threads {
+            Some(0) => anyhow::bail!("--threads must be at least 1"),
+            Some(n) => Ok(n),
+            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 
@@ -164,7 +180,8 @@ impl SamplingFlags {
     }
 
     /// Refuses a file whose precision is not the one asked for; says what f16 weights run in.
-    fn checked(&self, net: TractDenoiser) -> Result<TractDenoiser> {
+    fn checked(&self, mut net: TractDenoiser) -> Result<TractDenoiser> {
+        net.set_threads(self.threads()?, self.parallelism);
         let stored = net.spec().precision;
         if let Some(wanted) = self.precision.filter(|&p| p != stored) {
             anyhow::bail!(
@@ -341,11 +358,11 @@ fn run_sample(args: SampleArgs) -> Result<()> {
 }
 
 mod bench {
-    use super::SamplingFlags;
+    use super::{enum_name, SamplingFlags};
     use anyhow::Result;
     use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
-    use chardiff_runtime::tract::Device;
+    use chardiff_runtime::tract::{Device, Parallelism};
     use chardiff_runtime::Denoiser;
     use serde::Serialize;
     use std::time::Instant;
@@ -430,6 +447,8 @@ mod bench {
     struct Report {
         model: String,
         device: String,
+        threads: usize,
+        parallelism: Parallelism,
         /// Reading the file into a graph (the plans are prepared per batch size).
         load_ms: f64,
         steps: usize,
@@ -464,6 +483,8 @@ mod bench {
         let report = Report {
             model: args.sampling.model_name(),
             device: format!("{:?}", net.device()).to_lowercase(),
+            threads: net.threads().0,
+            parallelism: net.threads().1,
             load_ms,
             steps: config.steps,
             rows,
@@ -473,7 +494,14 @@ mod bench {
             println!("{}", serde_json::to_string_pretty(&report)?);
             return Ok(());
         }
-        println!("{} on {}: read in {:.1} ms", report.model, report.device, report.load_ms);
+        println!(
+            "{} on {}, {} thread(s), parallelism {}: read in {:.1} ms",
+            report.model,
+            report.device,
+            report.threads,
+            enum_name(report.parallelism),
+            report.load_ms
+        );
         println!(
             "{:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10}",
             "batch",

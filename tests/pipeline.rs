@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use chardiff_export::to_onnx_bytes;
 use chardiff_runtime::bench::{max_x0_difference, RandomBatch};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
-use chardiff_runtime::tract::{native_f16, onnx_to_nnef, LoadError, TractDenoiser};
+use chardiff_runtime::tract::{native_f16, onnx_to_nnef, LoadError, Parallelism, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use chardiff_runtime::{Head, Precision};
 use chardiff_train::candle::Params;
@@ -173,6 +173,29 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
         sample(&mut candle, &ddpm, 2, None, |_, _| {}).unwrap(),
         sample(&mut tract, &ddpm, 2, None, |_, _| {}).unwrap()
     );
+}
+
+#[test]
+fn threads_change_the_speed_not_the_text() {
+    let model = clone_model(&trained().model);
+    let file = to_onnx_bytes(&model, Precision::F32).unwrap();
+    let mut one = TractDenoiser::from_bytes(&file).unwrap();
+    let config = SamplerConfig { steps: 10, td: 1.0, rule: StepRule::Ddpm, seed: 7 };
+    let reference = sample(&mut one, &config, 5, None, |_, _| {}).unwrap();
+    for (threads, parallelism) in [
+        (2, Parallelism::Batch),
+        (3, Parallelism::Auto),
+        (2, Parallelism::Matmul),
+        (8, Parallelism::Auto),
+    ] {
+        let mut net = TractDenoiser::from_bytes(&file).unwrap();
+        net.set_threads(threads, parallelism);
+        // 5 sequences: parts of 2 and 3 (two plans), or 1 and 2, or a pool for the matmuls.
+        let diff = max_x0_difference(&mut one, &mut net, 5, 3).unwrap();
+        assert!(diff <= 1e-6, "{threads} threads, {parallelism:?}: max |x0 diff| {diff}");
+        let texts = sample(&mut net, &config, 5, None, |_, _| {}).unwrap();
+        assert_eq!(texts, reference, "{threads} threads, {parallelism:?}");
+    }
 }
 
 #[test]

@@ -8,7 +8,9 @@
 
 use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
 use crate::spec::{ModelSpec, Precision, SpecError};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
 
@@ -63,8 +65,15 @@ pub struct TractDenoiser {
     spec: ModelSpec,
     /// The graph as read, batch symbolic (in f16 when computing in f16).
     model: TypedModel,
-    /// The plan for the last batch size used.
-    plan: Option<Plan>,
+    /// The batch size the workers are prepared for.
+    prepared_for: Option<usize>,
+    /// One per part of the batch, each with its own state; all but the first run on threads
+    /// of their own.
+    workers: Vec<Worker>,
+    threads: usize,
+    parallelism: Parallelism,
+    /// The pool split matmuls run on (more than one thread, batch not split).
+    pool: Option<Executor>,
     /// Asked for until the first plan is prepared, then where the network runs.
     device: Device,
     /// What the network computes in: inputs and outputs are converted at the boundary.
@@ -73,11 +82,26 @@ pub struct TractDenoiser {
     fallback: Option<String>,
 }
 
-/// The graph prepared for one batch size, and its state (buffers reused across steps).
-struct Plan {
-    batch: usize,
-    runnable: Box<dyn Runnable>,
+/// How one network call uses more than one CPU thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parallelism {
+    /// `batch` when there are at least as many sequences as threads, otherwise `matmul`.
+    #[default]
+    Auto,
+    /// Contiguous parts of the batch on separate threads, one plan state each: no
+    /// synchronisation inside a step.
+    Batch,
+    /// Every matrix product split across a pool of threads (tract-linalg's executor).
+    Matmul,
+}
+
+/// One part of the batch: the rows it runs and the plan state it runs them with.
+struct Worker {
+    rows: Range<usize>,
     state: Box<dyn State>,
+    /// The plan the state came from (shared by workers of the same part size).
+    runnable: Arc<dyn Runnable>,
 }
 
 /// Whether this CPU has native fp16 arithmetic (aarch64 FEAT_FP16) that tract's kernels use.
@@ -136,17 +160,59 @@ impl TractDenoiser {
         if device == Device::Cuda {
             cuda_available()?;
         }
-        Ok(TractDenoiser { spec, model, plan: None, device, compute, fallback: None })
+        Ok(TractDenoiser {
+            spec,
+            model,
+            prepared_for: None,
+            workers: Vec::new(),
+            threads: 1,
+            parallelism: Parallelism::Auto,
+            pool: None,
+            device,
+            compute,
+            fallback: None,
+        })
     }
 
-    /// Prepares the plan for `batch` sequences per call, unless it is the current one.
-    /// `denoise` does this itself; calling it first separates the preparation time and its
-    /// errors from the first step. With `Device::Auto`, the first plan decides the device.
-    pub fn prepare(&mut self, batch: usize) -> Result<(), LoadError> {
-        if self.plan.as_ref().is_some_and(|plan| plan.batch == batch) {
-            return Ok(());
+    /// Lets each network call use up to `threads` CPU threads, the way `parallelism` says
+    /// (one thread by default). Plans are prepared again at the next call.
+    pub fn set_threads(&mut self, threads: usize, parallelism: Parallelism) {
+        let threads = threads.max(1);
+        if (threads, parallelism) != (self.threads, self.parallelism) {
+            (self.threads, self.parallelism) = (threads, parallelism);
+            // tract's `multithread(1)` would use every core (tract issue #2894).
+            self.pool = (threads > 1).then(|| Executor::multithread(threads));
+            self.invalidate();
         }
-        self.plan = None; // the old plan's buffers go before the new ones are made
+    }
+
+    pub fn threads(&self) -> (usize, Parallelism) {
+        (self.threads, self.parallelism)
+    }
+
+    fn invalidate(&mut self) {
+        // The old plans' buffers go before new ones are made.
+        self.workers.clear();
+        self.prepared_for = None;
+    }
+
+    /// How a batch is split across workers: into `threads` parts when the batch is split,
+    /// else one part.
+    fn parts(&self, batch: usize) -> Vec<Range<usize>> {
+        let split = self.device == Device::Cpu
+            && self.threads > 1
+            && batch > 1
+            && match self.parallelism {
+                Parallelism::Batch => true,
+                Parallelism::Matmul => false,
+                Parallelism::Auto => batch >= self.threads,
+            };
+        let k = if split { self.threads.min(batch) } else { 1 };
+        (0..k).map(|i| i * batch / k..(i + 1) * batch / k).collect()
+    }
+
+    /// The graph with its batch fixed at `batch`, prepared on the device.
+    fn plan(&mut self, batch: usize) -> Result<Arc<dyn Runnable>, LoadError> {
         let symbol = self.model.symbols.get(BATCH_SYMBOL).ok_or(LoadError::NoBatchSymbol)?;
         let fixed = std::collections::HashMap::from([(symbol, (batch as i64).to_dim())]);
         let model = self.model.set_symbols(&fixed).map_err(tract_error)?;
@@ -165,8 +231,33 @@ impl TractDenoiser {
                 }
             },
         };
-        let state = runnable.spawn().map_err(tract_error)?;
-        self.plan = Some(Plan { batch, runnable, state });
+        Ok(runnable.into())
+    }
+
+    /// Prepares the plans for `batch` sequences per call, unless they are the current ones.
+    /// `denoise` does this itself; calling it first separates the preparation time and its
+    /// errors from the first step. With `Device::Auto`, the first plan decides the device.
+    pub fn prepare(&mut self, batch: usize) -> Result<(), LoadError> {
+        if self.prepared_for == Some(batch) {
+            return Ok(());
+        }
+        self.invalidate();
+        let mut first = None;
+        if self.device == Device::Auto {
+            first = Some(self.plan(batch)?); // decides the device
+        }
+        for rows in self.parts(batch) {
+            let size = rows.len();
+            let same_size = self.workers.iter().find(|w| w.rows.len() == size);
+            let runnable = match (same_size, first.take()) {
+                (Some(worker), _) => worker.runnable.clone(),
+                (None, Some(runnable)) if size == batch => runnable,
+                (None, _) => self.plan(size)?,
+            };
+            let state = runnable.spawn().map_err(tract_error)?;
+            self.workers.push(Worker { rows, state, runnable });
+        }
+        self.prepared_for = Some(batch);
         Ok(())
     }
 
@@ -201,7 +292,7 @@ impl TractDenoiser {
     /// without a GPU prefix run on the CPU. Empty before the first plan.
     pub fn plan_ops(&self) -> Vec<(String, usize)> {
         let mut counts = std::collections::BTreeMap::new();
-        if let Some(model) = self.plan.as_ref().and_then(|plan| plan.runnable.typed_model()) {
+        if let Some(model) = self.workers.first().and_then(|w| w.runnable.typed_model()) {
             for node in model.nodes() {
                 *counts.entry(node.op.name().to_string()).or_insert(0) += 1;
             }
@@ -436,28 +527,61 @@ impl Denoiser for TractDenoiser {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        let (b, l, k) = (input.batch, self.spec.window, self.spec.bits);
-        let f16 = self.compute == Precision::F16;
-        // The diffusion state stays f32; an f16 network gets f16 copies at its boundary.
-        let tensor = |shape: &[usize], data: &[f32]| -> TractResult<TValue> {
-            let t = Tensor::from_shape(shape, data)?;
-            Ok(if f16 { t.cast_to::<f16>()?.into_owned() } else { t }.into())
-        };
-        let mut inputs: TVec<TValue> = tvec![
-            tensor(&[b, l, k], input.x_t)?,
-            tensor(&[b, l, k], input.x_self)?,
-            tensor(&[b], input.t)?,
-        ];
-        if self.spec.conditioning {
-            let c = input.condition.ok_or("a conditional model needs `cond` and `cond_mask`")?;
-            inputs.push(tensor(&[b, l, k], c.cond)?);
-            inputs.push(tensor(&[b, l, 1], c.mask)?);
+        if self.spec.conditioning && input.condition.is_none() {
+            return Err("a conditional model needs `cond` and `cond_mask`".into());
         }
-        self.prepare(b)?;
-        let plan = self.plan.as_mut().expect("prepared just above");
-        let outputs = plan.state.run(inputs)?;
-        let x0_out = outputs[0].cast_to::<f32>()?;
-        x0.copy_from_slice(x0_out.try_as_plain_ram()?.as_slice::<f32>()?);
+        self.prepare(input.batch)?;
+        let (spec, compute) = (&self.spec, self.compute);
+        let run = |worker: &mut Worker| -> TractResult<Tensor> {
+            let inputs = network_inputs(spec, compute, input, worker.rows.clone())?;
+            let outputs = worker.state.run(inputs)?;
+            Ok(outputs[0].cast_to::<f32>()?.into_owned())
+        };
+        let (first, rest) = self.workers.split_first_mut().expect("prepared above");
+        let pool = self.pool.as_ref().filter(|_| rest.is_empty() && self.device == Device::Cpu);
+        let outputs: Vec<TractResult<Tensor>> = std::thread::scope(|s| {
+            let others: Vec<_> = rest.iter_mut().map(|w| s.spawn(|| run(w))).collect();
+            let mine = match pool {
+                Some(pool) => multithread_tract_scope(pool.clone(), || run(first)),
+                None => run(first),
+            };
+            std::iter::once(mine)
+                .chain(others.into_iter().map(|h| h.join().expect("a denoising thread panicked")))
+                .collect()
+        });
+        let per_row = spec.window * spec.bits;
+        let parts = std::iter::once(&*first).chain(rest.iter());
+        for (worker, output) in parts.zip(outputs) {
+            let rows = &worker.rows;
+            x0[rows.start * per_row..rows.end * per_row]
+                .copy_from_slice(output?.try_as_plain_ram()?.as_slice::<f32>()?);
+        }
         Ok(())
     }
+}
+
+/// The graph's inputs for some rows of the batch; in f16 for an f16 network (the diffusion
+/// state stays f32).
+fn network_inputs(
+    spec: &ModelSpec,
+    compute: Precision,
+    input: &DenoiseInput<'_>,
+    rows: Range<usize>,
+) -> TractResult<TVec<TValue>> {
+    let (b, l, k) = (rows.len(), spec.window, spec.bits);
+    let tensor = |shape: &[usize], data: &[f32]| -> TractResult<TValue> {
+        let per_row: usize = shape[1..].iter().product();
+        let t = Tensor::from_shape(shape, &data[rows.start * per_row..rows.end * per_row])?;
+        Ok(if compute == Precision::F16 { t.cast_to::<f16>()?.into_owned() } else { t }.into())
+    };
+    let mut inputs: TVec<TValue> = tvec![
+        tensor(&[b, l, k], input.x_t)?,
+        tensor(&[b, l, k], input.x_self)?,
+        tensor(&[b], input.t)?,
+    ];
+    if let Some(c) = input.condition.filter(|_| spec.conditioning) {
+        inputs.push(tensor(&[b, l, k], c.cond)?);
+        inputs.push(tensor(&[b, l, 1], c.mask)?);
+    }
+    Ok(inputs)
 }
