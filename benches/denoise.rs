@@ -1,6 +1,8 @@
-//! Criterion benches: one denoising step of the shipped model per batch size (tract, CPU, f32),
-//! the full sampling loop, and one training step of the same architecture (candle).
+//! Criterion benches: one denoising step of the shipped model per batch size (tract, CPU, f32,
+//! one thread), the full sampling loop, and one training step of the same architecture (candle).
 //! `cargo bench --bench denoise`; `chardiff bench` reports the same step figures from the CLI.
+//! With `--features ort` (and ORT_DYLIB_PATH set) the step group runs onnxruntime on the same
+//! file beside tract, one thread each.
 
 use chardiff_runtime::bench::step_latency;
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
@@ -16,13 +18,23 @@ fn model() -> TractDenoiser {
 }
 
 fn step(c: &mut Criterion) {
-    let mut net = model();
-    let window = net.spec().window as u64;
+    let mut tract = model();
+    let window = tract.spec().window as u64;
+    #[cfg(feature = "ort")]
+    let mut ort = {
+        let file = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx"));
+        chardiff_runtime::onnxruntime::OrtDenoiser::from_bytes(&file.unwrap(), 1).unwrap()
+    };
     let mut group = c.benchmark_group("step");
     for batch in [1usize, 8, 64] {
         group.throughput(Throughput::Elements(batch as u64 * window));
-        group.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
-            b.iter(|| step_latency(&mut net, batch, 0, 1).unwrap())
+        let id = BenchmarkId::new("tract", batch);
+        group.bench_with_input(id, &batch, |b, &batch| {
+            b.iter(|| step_latency(&mut tract, batch, 0, 1).unwrap())
+        });
+        #[cfg(feature = "ort")]
+        group.bench_with_input(BenchmarkId::new("onnxruntime", batch), &batch, |b, &batch| {
+            b.iter(|| step_latency(&mut ort, batch, 0, 1).unwrap())
         });
     }
     group.finish();

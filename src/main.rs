@@ -133,9 +133,9 @@ struct SamplingFlags {
     /// CPU threads per network call [default: the cores available].
     #[arg(long)]
     threads: Option<usize>,
-    /// How threads share a call: batch (parts of the batch, one state each), matmul (every
-    /// matrix product split), or auto (batch when it has at least as many sequences as threads).
-    #[arg(long, default_value = "auto", value_parser = enum_arg::<Parallelism>)]
+    /// How threads share a call: batch (parts of the batch, one thread and plan state each; a
+    /// single sequence runs on one thread) or matmul (every matrix product split).
+    #[arg(long, default_value = "batch", value_parser = enum_arg::<Parallelism>)]
     parallelism: Parallelism,
 }
 
@@ -158,14 +158,11 @@ impl SamplingFlags {
         }
     }
 
-    fn load_on(&self, device: Device) -> Result<TractDenoiser> {
+    /// The model's bytes: the --model file, else the one inside the binary, else the shipped one.
+    fn model_bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>> {
         let path = match (&self.model, EMBEDDED_MODEL) {
             (Some(path), _) => path.clone(),
-            (None, Some(bytes)) => {
-                let net = TractDenoiser::from_bytes_with(bytes, device, self.compute)
-                    .context("loading the embedded default model")?;
-                return self.checked(net);
-            }
+            (None, Some(bytes)) => return Ok(bytes.into()),
             (None, None) => PathBuf::from(DEFAULT_MODEL),
         };
         anyhow::ensure!(
@@ -174,8 +171,15 @@ impl SamplingFlags {
              model inside: pass --model FILE, or build with --features embed-model)",
             path.display()
         );
-        let net = TractDenoiser::load_with(&path, device, self.compute)
-            .with_context(|| format!("loading model {}", path.display()))?;
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("reading model {}", path.display()))?;
+        Ok(bytes.into())
+    }
+
+    fn load_on(&self, device: Device) -> Result<TractDenoiser> {
+        let bytes = self.model_bytes()?;
+        let net = TractDenoiser::from_bytes_with(&bytes, device, self.compute)
+            .with_context(|| format!("loading {}", self.model_name()))?;
         self.checked(net)
     }
 
@@ -385,6 +389,10 @@ mod bench {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also run the file with onnxruntime (same batches, same thread count), side by side.
+        #[cfg(feature = "ort")]
+        #[arg(long)]
+        ort: bool,
     }
 
     #[derive(clap::Args)]
@@ -434,10 +442,11 @@ mod bench {
 
     #[derive(Serialize)]
     struct Row {
+        runtime: &'static str,
         #[serde(flatten)]
         step: StepLatency,
-        /// Fixing the batch size in the graph and preparing its plan.
-        prepare_ms: f64,
+        /// Fixing the batch size in the graph and preparing its plan (tract).
+        prepare_ms: Option<f64>,
         /// Seconds for a whole sample at the given steps, and characters per second.
         full_sample_s: Option<f64>,
         chars_per_s: Option<f64>,
@@ -449,11 +458,42 @@ mod bench {
         device: String,
         threads: usize,
         parallelism: Parallelism,
-        /// Reading the file into a graph (the plans are prepared per batch size).
+        /// Reading the file into a graph (tract prepares plans per batch size).
         load_ms: f64,
+        /// Reading and optimizing the file in onnxruntime.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ort_load_ms: Option<f64>,
         steps: usize,
         rows: Vec<Row>,
+        /// Of the whole process (both runtimes when onnxruntime ran too).
         peak_rss_mb: Option<f64>,
+    }
+
+    /// Step latency and full-sample time per batch size; `prepare` readies a batch size.
+    fn measure<D: Denoiser>(
+        args: &BenchArgs,
+        runtime: &'static str,
+        net: &mut D,
+        mut prepare: impl FnMut(&mut D, usize) -> Result<Option<f64>>,
+    ) -> Result<Vec<Row>> {
+        let config = args.sampling.sampler_config(net.spec());
+        let window = net.spec().window;
+        let mut rows = Vec::new();
+        for &batch in &args.batch {
+            let prepare_ms = prepare(net, batch)?;
+            let step = step_latency(net, batch, args.warmup, args.iterations)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let full_sample_s = if args.no_full {
+                None
+            } else {
+                let start = Instant::now();
+                sample(net, &config, batch, None, |_, _| {})?;
+                Some(start.elapsed().as_secs_f64())
+            };
+            let chars_per_s = full_sample_s.map(|s| (batch * window) as f64 / s);
+            rows.push(Row { runtime, step, prepare_ms, full_sample_s, chars_per_s });
+        }
+        Ok(rows)
     }
 
     pub fn run(args: BenchArgs) -> Result<()> {
@@ -461,24 +501,26 @@ mod bench {
         let start = Instant::now();
         let mut net = args.sampling.load_on(args.sampling.device)?;
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
-        let config = args.sampling.sampler_config(net.spec());
-        let window = net.spec().window;
-        let mut rows = Vec::new();
-        for &batch in &args.batch {
+        let mut rows = measure(&args, "tract", &mut net, |net, batch| {
             let start = Instant::now();
-            args.sampling.prepare(&mut net, batch)?;
-            let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
-            let step = step_latency(&mut net, batch, args.warmup, args.iterations)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let full_sample_s = if args.no_full {
-                None
-            } else {
-                let start = Instant::now();
-                sample(&mut net, &config, batch, None, |_, _| {})?;
-                Some(start.elapsed().as_secs_f64())
-            };
-            let chars_per_s = full_sample_s.map(|s| (batch * window) as f64 / s);
-            rows.push(Row { step, prepare_ms, full_sample_s, chars_per_s });
+            args.sampling.prepare(net, batch)?;
+            Ok(Some(start.elapsed().as_secs_f64() * 1e3))
+        })?;
+        #[allow(unused_mut)]
+        let mut ort_load_ms = None;
+        #[cfg(feature = "ort")]
+        if args.ort {
+            use chardiff_runtime::onnxruntime::OrtDenoiser;
+            anyhow::ensure!(
+                chardiff_runtime::tract::Format::of(&args.sampling.model_bytes()?)
+                    == chardiff_runtime::tract::Format::Onnx,
+                "--ort runs ONNX files: {} is an NNEF archive",
+                args.sampling.model_name()
+            );
+            let start = Instant::now();
+            let mut ort = OrtDenoiser::from_bytes(&args.sampling.model_bytes()?, net.threads().0)?;
+            ort_load_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+            rows.extend(measure(&args, "onnxruntime", &mut ort, |_, _| Ok(None))?);
         }
         let report = Report {
             model: args.sampling.model_name(),
@@ -486,7 +528,8 @@ mod bench {
             threads: net.threads().0,
             parallelism: net.threads().1,
             load_ms,
-            steps: config.steps,
+            ort_load_ms,
+            steps: args.sampling.sampler_config(net.spec()).steps,
             rows,
             peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / 1e6),
         };
@@ -495,15 +538,17 @@ mod bench {
             return Ok(());
         }
         println!(
-            "{} on {}, {} thread(s), parallelism {}: read in {:.1} ms",
+            "{} on {}, {} thread(s), parallelism {}: read in {:.1} ms{}",
             report.model,
             report.device,
             report.threads,
             enum_name(report.parallelism),
-            report.load_ms
+            report.load_ms,
+            report.ort_load_ms.map_or(String::new(), |ms| format!(" (onnxruntime: {ms:.1} ms)"))
         );
         println!(
-            "{:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10}",
+            "{:>12} {:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10}",
+            "runtime",
             "batch",
             "prepare ms",
             "median ms",
@@ -515,9 +560,10 @@ mod bench {
         for r in &report.rows {
             let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
             println!(
-                "{:>6} {:>11.1} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
+                "{:>12} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
+                r.runtime,
                 r.step.batch,
-                r.prepare_ms,
+                opt(r.prepare_ms, 1),
                 r.step.median_ms,
                 r.step.p10_ms,
                 r.step.p90_ms,

@@ -184,9 +184,9 @@ fn threads_change_the_speed_not_the_text() {
     let reference = sample(&mut one, &config, 5, None, |_, _| {}).unwrap();
     for (threads, parallelism) in [
         (2, Parallelism::Batch),
-        (3, Parallelism::Auto),
+        (3, Parallelism::Batch),
         (2, Parallelism::Matmul),
-        (8, Parallelism::Auto),
+        (8, Parallelism::Batch),
     ] {
         let mut net = TractDenoiser::from_bytes(&file).unwrap();
         net.set_threads(threads, parallelism);

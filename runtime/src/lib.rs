@@ -9,6 +9,8 @@ pub mod denoiser;
 pub mod files;
 pub mod generate;
 pub mod metrics;
+#[cfg(feature = "ort")]
+pub mod onnxruntime;
 pub mod sampler;
 pub mod schedule;
 pub mod spec;

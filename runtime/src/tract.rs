@@ -72,7 +72,7 @@ pub struct TractDenoiser {
     workers: Vec<Worker>,
     threads: usize,
     parallelism: Parallelism,
-    /// The pool split matmuls run on (more than one thread, batch not split).
+    /// The pool split matmuls run on (`Parallelism::Matmul`, more than one thread).
     pool: Option<Executor>,
     /// Asked for until the first plan is prepared, then where the network runs.
     device: Device,
@@ -86,13 +86,13 @@ pub struct TractDenoiser {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Parallelism {
-    /// `batch` when there are at least as many sequences as threads, otherwise `matmul`.
+    /// Contiguous parts of the batch (up to one per thread) on separate threads, one plan state
+    /// each: no synchronisation inside a step. A single sequence runs on one thread.
     #[default]
-    Auto,
-    /// Contiguous parts of the batch on separate threads, one plan state each: no
-    /// synchronisation inside a step.
     Batch,
-    /// Every matrix product split across a pool of threads (tract-linalg's executor).
+    /// Every matrix product split across a pool of threads (tract-linalg's executor). On 2
+    /// cores it was slower than one thread for 1 and 8 sequences (BENCHMARKS.md); it is for
+    /// single sequences on machines with more cores.
     Matmul,
 }
 
@@ -166,7 +166,7 @@ impl TractDenoiser {
             prepared_for: None,
             workers: Vec::new(),
             threads: 1,
-            parallelism: Parallelism::Auto,
+            parallelism: Parallelism::Batch,
             pool: None,
             device,
             compute,
@@ -181,7 +181,8 @@ impl TractDenoiser {
         if (threads, parallelism) != (self.threads, self.parallelism) {
             (self.threads, self.parallelism) = (threads, parallelism);
             // tract's `multithread(1)` would use every core (tract issue #2894).
-            self.pool = (threads > 1).then(|| Executor::multithread(threads));
+            let split_matmuls = threads > 1 && parallelism == Parallelism::Matmul;
+            self.pool = split_matmuls.then(|| Executor::multithread(threads));
             self.invalidate();
         }
     }
@@ -196,18 +197,11 @@ impl TractDenoiser {
         self.prepared_for = None;
     }
 
-    /// How a batch is split across workers: into `threads` parts when the batch is split,
-    /// else one part.
+    /// How a batch is split across workers: into up to `threads` parts on the CPU with
+    /// `Parallelism::Batch`, else one part.
     fn parts(&self, batch: usize) -> Vec<Range<usize>> {
-        let split = self.device == Device::Cpu
-            && self.threads > 1
-            && batch > 1
-            && match self.parallelism {
-                Parallelism::Batch => true,
-                Parallelism::Matmul => false,
-                Parallelism::Auto => batch >= self.threads,
-            };
-        let k = if split { self.threads.min(batch) } else { 1 };
+        let split = self.device == Device::Cpu && self.parallelism == Parallelism::Batch;
+        let k = if split { self.threads.min(batch).max(1) } else { 1 };
         (0..k).map(|i| i * batch / k..(i + 1) * batch / k).collect()
     }
 
@@ -538,7 +532,7 @@ impl Denoiser for TractDenoiser {
             Ok(outputs[0].cast_to::<f32>()?.into_owned())
         };
         let (first, rest) = self.workers.split_first_mut().expect("prepared above");
-        let pool = self.pool.as_ref().filter(|_| rest.is_empty() && self.device == Device::Cpu);
+        let pool = self.pool.as_ref().filter(|_| self.device == Device::Cpu);
         let outputs: Vec<TractResult<Tensor>> = std::thread::scope(|s| {
             let others: Vec<_> = rest.iter_mut().map(|w| s.spawn(|| run(w))).collect();
             let mine = match pool {
