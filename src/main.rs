@@ -185,7 +185,7 @@ impl SamplingFlags {
 
     /// Refuses a file whose precision is not the one asked for; says what f16 weights run in.
     fn checked(&self, mut net: TractDenoiser) -> Result<TractDenoiser> {
-        net.set_threads(self.threads()?, self.parallelism);
+        net.set_threads(self.threads()?, self.parallelism)?;
         let stored = net.spec().precision;
         if let Some(wanted) = self.precision.filter(|&p| p != stored) {
             anyhow::bail!(

@@ -61,6 +61,22 @@ fn the_device_option_is_checked() {
     }
 }
 
+#[test]
+fn threads_split_the_batch_on_every_build_and_matmuls_where_built_in() {
+    let one = ok(&["sample", "-n", "3", "--steps", "3", "--threads", "1"]);
+    assert_eq!(ok(&["sample", "-n", "3", "--steps", "3", "--threads", "2"]), one);
+    let args = ["sample", "-n", "1", "--steps", "3", "--threads", "2", "--parallelism", "matmul"];
+    if cfg!(feature = "matmul-threads") {
+        ok(&args);
+    } else {
+        let out = chardiff(&args);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features matmul-threads"));
+    }
+    let out = chardiff(&["sample", "-n", "1", "--threads", "0"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads must be at least 1"));
+}
+
 fn models(file: &str) -> String {
     format!("{}/models/{file}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -189,7 +189,7 @@ fn threads_change_the_speed_not_the_text() {
         (8, Parallelism::Batch),
     ] {
         let mut net = TractDenoiser::from_bytes(&file).unwrap();
-        net.set_threads(threads, parallelism);
+        net.set_threads(threads, parallelism).unwrap();
         // 5 sequences: parts of 2 and 3 (two plans), or 1 and 2, or a pool for the matmuls.
         let diff = max_x0_difference(&mut one, &mut net, 5, 3).unwrap();
         assert!(diff <= 1e-6, "{threads} threads, {parallelism:?}: max |x0 diff| {diff}");

@@ -10,7 +10,6 @@ use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
 use crate::spec::{ModelSpec, Precision, SpecError};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
 
@@ -54,6 +53,8 @@ pub enum LoadError {
     Tract(String),
     #[error("the graph's batch axis is not the `{BATCH_SYMBOL}` symbol")]
     NoBatchSymbol,
+    #[error("this chardiff was built without split matrix products (rayon adds ~5 MB, so edge builds leave it out): use `--parallelism batch`, or rebuild with `--features matmul-threads`")]
+    MatmulThreadsNotBuilt,
     #[error("this chardiff was built without CUDA support: rebuild with `cargo build --release --features cuda`")]
     CudaNotBuilt,
     #[error("CUDA is not usable here: {0}")]
@@ -73,7 +74,7 @@ pub struct TractDenoiser {
     threads: usize,
     parallelism: Parallelism,
     /// The pool split matmuls run on (`Parallelism::Matmul`, more than one thread).
-    pool: Option<Executor>,
+    pool: Option<matmul_pool::Pool>,
     /// Asked for until the first plan is prepared, then where the network runs.
     device: Device,
     /// What the network computes in: inputs and outputs are converted at the boundary.
@@ -176,15 +177,19 @@ impl TractDenoiser {
 
     /// Lets each network call use up to `threads` CPU threads, the way `parallelism` says
     /// (one thread by default). Plans are prepared again at the next call.
-    pub fn set_threads(&mut self, threads: usize, parallelism: Parallelism) {
+    pub fn set_threads(
+        &mut self,
+        threads: usize,
+        parallelism: Parallelism,
+    ) -> Result<(), LoadError> {
         let threads = threads.max(1);
         if (threads, parallelism) != (self.threads, self.parallelism) {
-            (self.threads, self.parallelism) = (threads, parallelism);
-            // tract's `multithread(1)` would use every core (tract issue #2894).
             let split_matmuls = threads > 1 && parallelism == Parallelism::Matmul;
-            self.pool = split_matmuls.then(|| Executor::multithread(threads));
+            self.pool = if split_matmuls { Some(matmul_pool::new(threads)?) } else { None };
+            (self.threads, self.parallelism) = (threads, parallelism);
             self.invalidate();
         }
+        Ok(())
     }
 
     pub fn threads(&self) -> (usize, Parallelism) {
@@ -420,6 +425,40 @@ mod onnx {
     }
 }
 
+/// tract-linalg's thread pool for split matrix products (feature `matmul-threads`).
+#[cfg(feature = "matmul-threads")]
+mod matmul_pool {
+    use super::LoadError;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+
+    pub struct Pool(Executor);
+
+    /// For more than one thread: tract's `multithread(1)` would use every core (tract #2894).
+    pub fn new(threads: usize) -> Result<Pool, LoadError> {
+        Ok(Pool(Executor::multithread(threads)))
+    }
+
+    /// Runs `f` with its matrix products split across the pool.
+    pub fn run<R>(pool: &Pool, f: impl FnOnce() -> R) -> R {
+        multithread_tract_scope(pool.0.clone(), f)
+    }
+}
+
+#[cfg(not(feature = "matmul-threads"))]
+mod matmul_pool {
+    use super::LoadError;
+
+    pub enum Pool {}
+
+    pub fn new(_threads: usize) -> Result<Pool, LoadError> {
+        Err(LoadError::MatmulThreadsNotBuilt)
+    }
+
+    pub fn run<R>(pool: &Pool, _f: impl FnOnce() -> R) -> R {
+        match *pool {}
+    }
+}
+
 fn prepare_cpu(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
     let cpu = runtime_for_name("cpu").ok().flatten().expect("tract always has its cpu runtime");
     cpu.prepare(model).map_err(tract_error)
@@ -536,7 +575,7 @@ impl Denoiser for TractDenoiser {
         let outputs: Vec<TractResult<Tensor>> = std::thread::scope(|s| {
             let others: Vec<_> = rest.iter_mut().map(|w| s.spawn(|| run(w))).collect();
             let mine = match pool {
-                Some(pool) => multithread_tract_scope(pool.clone(), || run(first)),
+                Some(pool) => matmul_pool::run(pool, || run(first)),
                 None => run(first),
             };
             std::iter::once(mine)
