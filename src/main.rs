@@ -20,14 +20,15 @@ use std::path::PathBuf;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc (v3) returns freed memory to the OS after a second (`purge_delay` 1000 ms): sampling
-/// with a thread per part of the batch then peaked at +25 MB (84 vs 59 MB for 8 sequences).
-/// The sampler returns it after 10 ms, v2's default; training keeps the long delay.
-fn return_freed_memory_sooner() {
+/// 8 sequences on 2 threads then peaked at 84 MB. The sampler returns it at once: 55-57 MB, for
+/// ~10% more CPU time in the kernel (2 ms: 59-63 MB, 10 ms: 64-68 MB; BENCHMARKS.md). Training
+/// keeps the long delay.
+fn return_freed_memory_at_once() {
     // `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v3.3): libmimalloc-sys has no name
     // for it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: sets an integer option; mimalloc reads options at each use.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 10) }
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) }
 }
 
 /// The shipped default model in the format this build reads (NNEF builds get its NNEF twin).
@@ -285,7 +286,7 @@ fn enum_arg<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
 fn main() {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Sample(_) | Command::Eval(_) | Command::Bench(_)) {
-        return_freed_memory_sooner();
+        return_freed_memory_at_once();
     }
     let result = match cli.command {
         #[cfg(feature = "train")]
