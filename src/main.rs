@@ -381,7 +381,7 @@ mod bench {
     use anyhow::Result;
     use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
-    use chardiff_runtime::tract::{Device, Parallelism};
+    use chardiff_runtime::tract::{gemm_peak_gflops, Device, Parallelism};
     use chardiff_runtime::Denoiser;
     use serde::Serialize;
     use std::time::Instant;
@@ -465,6 +465,9 @@ mod bench {
         /// Seconds for a whole sample at the given steps, and characters per second.
         full_sample_s: Option<f64>,
         chars_per_s: Option<f64>,
+        /// Arithmetic rate of the median step, and its share of the GEMM peak of the threads.
+        gflops: f64,
+        share_of_peak: f64,
     }
 
     #[derive(Serialize)]
@@ -479,9 +482,20 @@ mod bench {
         #[serde(skip_serializing_if = "Option::is_none")]
         ort_load_ms: Option<f64>,
         steps: usize,
+        /// Floating-point operations of one step per sequence (matrix products).
+        flops_per_sequence: u64,
+        /// tract's f32 GEMM speed on one thread (1024 x 1024 products, best of 5).
+        gemm_peak_gflops: f64,
         rows: Vec<Row>,
         /// Of the whole process (both runtimes when onnxruntime ran too).
         peak_rss_mb: Option<f64>,
+    }
+
+    /// What the arithmetic of a step is measured against.
+    struct Arithmetic {
+        flops_per_sequence: u64,
+        /// The GEMM peak of all the threads a call may use.
+        peak_gflops: f64,
     }
 
     /// Step latency and full-sample time per batch size; `prepare` readies a batch size.
@@ -489,6 +503,7 @@ mod bench {
         args: &BenchArgs,
         runtime: &'static str,
         net: &mut D,
+        arithmetic: &Arithmetic,
         mut prepare: impl FnMut(&mut D, usize) -> Result<Option<f64>>,
     ) -> Result<Vec<Row>> {
         let config = args.sampling.sampler_config(net.spec());
@@ -506,7 +521,18 @@ mod bench {
                 Some(start.elapsed().as_secs_f64())
             };
             let chars_per_s = full_sample_s.map(|s| (batch * window) as f64 / s);
-            rows.push(Row { runtime, step, prepare_ms, full_sample_s, chars_per_s });
+            let flops = (arithmetic.flops_per_sequence * batch as u64) as f64;
+            let gflops = flops / (step.median_ms * 1e-3) / 1e9;
+            let share_of_peak = gflops / arithmetic.peak_gflops;
+            rows.push(Row {
+                runtime,
+                step,
+                prepare_ms,
+                full_sample_s,
+                chars_per_s,
+                gflops,
+                share_of_peak,
+            });
         }
         Ok(rows)
     }
@@ -516,8 +542,13 @@ mod bench {
         let start = Instant::now();
         let mut net = args.sampling.load_on(args.sampling.device)?;
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        let gemm_peak_gflops = gemm_peak_gflops(1024, 5)?;
+        let arithmetic = Arithmetic {
+            flops_per_sequence: net.flops_per_sequence()?,
+            peak_gflops: gemm_peak_gflops * net.threads().0 as f64,
+        };
         #[cfg_attr(not(feature = "ort"), allow(unused_mut))]
-        let mut rows = measure(&args, "tract", &mut net, |net, batch| {
+        let mut rows = measure(&args, "tract", &mut net, &arithmetic, |net, batch| {
             let start = Instant::now();
             args.sampling.prepare(net, batch)?;
             Ok(Some(start.elapsed().as_secs_f64() * 1e3))
@@ -536,7 +567,7 @@ mod bench {
             let start = Instant::now();
             let mut ort = OrtDenoiser::from_bytes(&args.sampling.model_bytes()?, net.threads().0)?;
             ort_load_ms = Some(start.elapsed().as_secs_f64() * 1e3);
-            rows.extend(measure(&args, "onnxruntime", &mut ort, |_, _| Ok(None))?);
+            rows.extend(measure(&args, "onnxruntime", &mut ort, &arithmetic, |_, _| Ok(None))?);
         }
         let report = Report {
             model: args.sampling.model_name(),
@@ -546,6 +577,8 @@ mod bench {
             load_ms,
             ort_load_ms,
             steps: args.sampling.sampler_config(net.spec()).steps,
+            flops_per_sequence: arithmetic.flops_per_sequence,
+            gemm_peak_gflops,
             rows,
             peak_rss_mb: peak_rss_bytes().map(|b| b as f64 / 1e6),
         };
@@ -563,7 +596,13 @@ mod bench {
             report.ort_load_ms.map_or(String::new(), |ms| format!(" (onnxruntime: {ms:.1} ms)"))
         );
         println!(
-            "{:>12} {:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10}",
+            "one step: {:.1} MFLOP per sequence; tract's one-thread f32 GEMM peak here: {:.1} \
+             GFLOP/s (1024^3 product, best of 5)",
+            report.flops_per_sequence as f64 / 1e6,
+            report.gemm_peak_gflops
+        );
+        println!(
+            "{:>12} {:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10} {:>8} {:>7}",
             "runtime",
             "batch",
             "prepare ms",
@@ -571,12 +610,14 @@ mod bench {
             "p10 ms",
             "p90 ms",
             format!("sample {} st, s", report.steps),
-            "chars/s"
+            "chars/s",
+            "GFLOP/s",
+            "% peak"
         );
         for r in &report.rows {
             let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
             println!(
-                "{:>12} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10}",
+                "{:>12} {:>6} {:>11} {:>10.2} {:>10.2} {:>10.2} {:>16} {:>10} {:>8.1} {:>6.0}%",
                 r.runtime,
                 r.step.batch,
                 opt(r.prepare_ms, 1),
@@ -584,7 +625,9 @@ mod bench {
                 r.step.p10_ms,
                 r.step.p90_ms,
                 opt(r.full_sample_s, 2),
-                opt(r.chars_per_s, 0)
+                opt(r.chars_per_s, 0),
+                r.gflops,
+                100.0 * r.share_of_peak
             );
         }
         if let Some(mb) = report.peak_rss_mb {

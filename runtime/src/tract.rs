@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tract_nnef::prelude::*;
+use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::runtime::{runtime_for_name, Runnable, State};
 
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
@@ -309,6 +310,25 @@ impl TractDenoiser {
         Ok(())
     }
 
+    /// Floating-point operations of one network call per sequence: twice the multiply-adds of
+    /// its matrix products (element-wise work is left out, as in GEMM peak figures).
+    pub fn flops_per_sequence(&self) -> Result<u64, LoadError> {
+        let symbol = self.model.symbols.get(BATCH_SYMBOL).ok_or(LoadError::NoBatchSymbol)?;
+        let one = std::collections::HashMap::from([(symbol, 1.to_dim())]);
+        let model = self.model.set_symbols(&one).and_then(|m| m.into_decluttered());
+        let model = model.map_err(tract_error)?;
+        let mut fmas = 0;
+        for node in model.nodes().iter().filter(|n| n.op_is::<EinSum>()) {
+            let inputs = model.node_input_facts(node.id).map_err(tract_error)?;
+            for (cost, count) in node.op.cost(&inputs).map_err(tract_error)? {
+                if matches!(cost, tract_nnef::tract_core::ops::Cost::FMA(_)) {
+                    fmas += count.to_i64().map_err(|e| LoadError::Tract(format!("{e:#}")))? as u64;
+                }
+            }
+        }
+        Ok(2 * fmas)
+    }
+
     /// What the network computes in.
     pub fn compute(&self) -> Precision {
         self.compute
@@ -347,6 +367,30 @@ impl TractDenoiser {
         }
         counts.into_iter().collect()
     }
+}
+
+/// tract's f32 matrix-product speed on one thread, in GFLOP/s: the best of `runs` products of
+/// two n x n matrices (n = 1024 is large enough for the kernels' peak). What a step's
+/// arithmetic is measured against.
+pub fn gemm_peak_gflops(n: usize, runs: usize) -> Result<f64, LoadError> {
+    let mut model = TypedModel::default();
+    let a = model.add_source("a", f32::fact([n, n])).map_err(tract_error)?;
+    let b = model.add_const("b", Tensor::zero::<f32>(&[n, n]).map_err(tract_error)?);
+    let b = b.map_err(tract_error)?;
+    let axes = "mk,kn->mn".parse().map_err(tract_error)?;
+    let product = EinSum::new(axes, f32::datum_type());
+    let c = model.wire_node("c", product, &[a, b]).map_err(tract_error)?;
+    model.select_output_outlets(&c).map_err(tract_error)?;
+    let plan = prepare_cpu(model)?;
+    let mut state = plan.spawn().map_err(tract_error)?;
+    let input = Tensor::zero::<f32>(&[n, n]).map_err(tract_error)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) + 1 {
+        let start = std::time::Instant::now();
+        state.run(tvec![input.clone().into()]).map_err(tract_error)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
 /// The two file formats a model comes in.
