@@ -420,9 +420,10 @@ fn tract_error(e: TractError) -> LoadError {
     LoadError::Tract(format!("{e:#}"))
 }
 
-/// The NNEF dialect chardiff writes and reads: tract's core operators, all a decluttered
-/// chardiff graph uses. Writing with the reader's dialect means an export that would not load
-/// on an edge build fails at export time.
+/// The NNEF dialect chardiff writes: tract's core operators, all a decluttered chardiff graph
+/// uses, the same registries as `nnef_reader`, so an export that would not load on an edge
+/// build fails at export time.
+#[cfg(feature = "onnx")]
 fn nnef() -> tract_nnef::internal::Nnef {
     tract_nnef::nnef()
 }
