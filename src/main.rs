@@ -558,14 +558,15 @@ mod bench {
         #[cfg(feature = "ort")]
         if args.ort {
             use chardiff_runtime::onnxruntime::OrtDenoiser;
+            use chardiff_runtime::tract::Format;
+            let file = args.sampling.model_bytes()?;
             anyhow::ensure!(
-                chardiff_runtime::tract::Format::of(&args.sampling.model_bytes()?)
-                    == chardiff_runtime::tract::Format::Onnx,
+                Format::of(&file) == Format::Onnx,
                 "--ort runs ONNX files: {} is an NNEF archive",
                 args.sampling.model_name()
             );
             let start = Instant::now();
-            let mut ort = OrtDenoiser::from_bytes(&args.sampling.model_bytes()?, net.threads().0)?;
+            let mut ort = OrtDenoiser::from_bytes(&file, net.threads().0)?;
             ort_load_ms = Some(start.elapsed().as_secs_f64() * 1e3);
             rows.extend(measure(&args, "onnxruntime", &mut ort, &arithmetic, |_, _| Ok(None))?);
         }
