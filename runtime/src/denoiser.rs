@@ -52,6 +52,47 @@ pub struct DenoiseInput<'a> {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// One input of the graph for a call: its contract name, shape [B, ...] and row-major data.
+#[derive(Clone, Copy, Debug)]
+pub struct GraphInput<'a> {
+    pub name: &'static str,
+    pub shape: [usize; 3],
+    /// How many of `shape`'s axes are real: `t` is [B] only.
+    pub rank: usize,
+    pub data: &'a [f32],
+}
+
+impl GraphInput<'_> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape[..self.rank]
+    }
+
+    /// Values per sequence of the batch.
+    pub fn per_row(&self) -> usize {
+        self.shape()[1..].iter().product()
+    }
+}
+
+impl<'a> DenoiseInput<'a> {
+    /// The graph's inputs for this call in contract order (`io::inputs`): every backend feeds
+    /// these. A conditional model without a condition is an error.
+    pub fn graph_inputs(&self, spec: &ModelSpec) -> Result<Vec<GraphInput<'a>>, BoxError> {
+        let (b, l, k) = (self.batch, spec.window, spec.bits);
+        let input = |name, shape, rank, data| GraphInput { name, shape, rank, data };
+        let mut inputs = vec![
+            input(io::X_T, [b, l, k], 3, self.x_t),
+            input(io::X_SELF, [b, l, k], 3, self.x_self),
+            input(io::T, [b, 0, 0], 1, self.t),
+        ];
+        if spec.conditioning {
+            let c = self.condition.ok_or("a conditional model needs `cond` and `cond_mask`")?;
+            inputs.push(input(io::COND, [b, l, k], 3, c.cond));
+            inputs.push(input(io::COND_MASK, [b, l, 1], 3, c.mask));
+        }
+        Ok(inputs)
+    }
+}
+
 /// Anything that predicts x0 from a noisy batch.
 pub trait Denoiser {
     fn spec(&self) -> &ModelSpec;

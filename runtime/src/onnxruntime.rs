@@ -67,18 +67,13 @@ impl Denoiser for OrtDenoiser {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        let (b, l, k) = (input.batch, self.spec.window, self.spec.bits);
-        let mut inputs = vec![
-            (io::X_T, TensorRef::from_array_view(([b, l, k], input.x_t))?.into_dyn()),
-            (io::X_SELF, TensorRef::from_array_view(([b, l, k], input.x_self))?.into_dyn()),
-            (io::T, TensorRef::from_array_view(([b], input.t))?.into_dyn()),
-        ];
-        if self.spec.conditioning {
-            let c = input.condition.ok_or("a conditional model needs `cond` and `cond_mask`")?;
-            inputs.push((io::COND, TensorRef::from_array_view(([b, l, k], c.cond))?.into_dyn()));
-            inputs
-                .push((io::COND_MASK, TensorRef::from_array_view(([b, l, 1], c.mask))?.into_dyn()));
-        }
+        let inputs = input
+            .graph_inputs(&self.spec)?
+            .into_iter()
+            .map(|i| {
+                Ok((i.name, TensorRef::from_array_view((i.shape().to_vec(), i.data))?.into_dyn()))
+            })
+            .collect::<Result<Vec<_>, ort::Error>>()?;
         let outputs = self.session.run(inputs)?;
         let (_, data) = outputs[io::X0].try_extract_tensor::<f32>()?;
         x0.copy_from_slice(data);

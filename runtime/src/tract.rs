@@ -655,9 +655,7 @@ impl Denoiser for TractDenoiser {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        if self.spec.conditioning && input.condition.is_none() {
-            return Err("a conditional model needs `cond` and `cond_mask`".into());
-        }
+        input.graph_inputs(&self.spec)?; // a missing condition fails before any plan is made
         self.prepare(input.batch)?;
         let (spec, compute) = (&self.spec, self.compute);
         // The other parts go to their threads, the first runs here, then all are collected.
@@ -697,21 +695,15 @@ fn network_inputs(
     compute: Precision,
     input: &DenoiseInput<'_>,
     rows: Range<usize>,
-) -> TractResult<TVec<Tensor>> {
-    let (b, l, k) = (rows.len(), spec.window, spec.bits);
-    let tensor = |shape: &[usize], data: &[f32]| -> TractResult<Tensor> {
-        let per_row: usize = shape[1..].iter().product();
-        let t = Tensor::from_shape(shape, &data[rows.start * per_row..rows.end * per_row])?;
-        Ok(if compute == Precision::F16 { t.cast_to::<f16>()?.into_owned() } else { t })
-    };
-    let mut inputs: TVec<Tensor> = tvec![
-        tensor(&[b, l, k], input.x_t)?,
-        tensor(&[b, l, k], input.x_self)?,
-        tensor(&[b], input.t)?,
-    ];
-    if let Some(c) = input.condition.filter(|_| spec.conditioning) {
-        inputs.push(tensor(&[b, l, k], c.cond)?);
-        inputs.push(tensor(&[b, l, 1], c.mask)?);
+) -> Result<TVec<Tensor>, BoxError> {
+    let mut tensors = TVec::new();
+    for graph_input in input.graph_inputs(spec)? {
+        let mut shape = graph_input.shape().to_vec();
+        shape[0] = rows.len();
+        let per_row = graph_input.per_row();
+        let data = &graph_input.data[rows.start * per_row..rows.end * per_row];
+        let t = Tensor::from_shape(&shape, data)?;
+        tensors.push(if compute == Precision::F16 { t.cast_to::<f16>()?.into_owned() } else { t });
     }
-    Ok(inputs)
+    Ok(tensors)
 }
