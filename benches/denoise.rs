@@ -1,8 +1,8 @@
-//! Criterion benches: one denoising step of the shipped model per batch size (tract, CPU, f32,
-//! one thread), the full sampling loop, and one training step of the same architecture (candle).
-//! `cargo bench --bench denoise`; `chardiff bench` reports the same step figures from the CLI.
-//! With `--features ort` (and ORT_DYLIB_PATH set) the step group runs onnxruntime on the same
-//! file beside tract, one thread each.
+//! Criterion benches: one denoising step of the shipped model per precision (f32, f16 weights,
+//! int8) and batch size (tract, CPU, one thread), the full sampling loop, and one training step
+//! of the same architecture (candle). `cargo bench --bench denoise`; `chardiff bench` reports the
+//! same step figures from the CLI. With `--features ort` (and ORT_DYLIB_PATH set) the step group
+//! runs onnxruntime on the same files beside tract, one thread each.
 
 use chardiff_runtime::bench::step_latency;
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
@@ -10,38 +10,49 @@ use chardiff_runtime::tract::TractDenoiser;
 use chardiff_runtime::Denoiser;
 use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, Trainer};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-fn model() -> TractDenoiser {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx");
-    TractDenoiser::load(&path).expect("the shipped model loads")
+/// The shipped default model in each precision it is shipped in.
+const FILES: [(&str, &str); 3] =
+    [("f32", "default.onnx"), ("f16", "default.f16.onnx"), ("int8", "default.int8.onnx")];
+
+fn path(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(file)
+}
+
+fn model(file: &str) -> TractDenoiser {
+    TractDenoiser::load(&path(file)).expect("the shipped model loads")
 }
 
 fn step(c: &mut Criterion) {
-    let mut tract = model();
-    let window = tract.spec().window as u64;
-    #[cfg(feature = "ort")]
-    let mut ort = {
-        let file = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx"));
-        chardiff_runtime::onnxruntime::OrtDenoiser::from_bytes(&file.unwrap(), 1).unwrap()
-    };
     let mut group = c.benchmark_group("step");
-    for batch in [1usize, 8, 64] {
-        group.throughput(Throughput::Elements(batch as u64 * window));
-        let id = BenchmarkId::new("tract", batch);
-        group.bench_with_input(id, &batch, |b, &batch| {
-            b.iter(|| step_latency(&mut tract, batch, 0, 1).unwrap())
-        });
+    for (precision, file) in FILES {
+        let mut tract = model(file);
+        let window = tract.spec().window as u64;
         #[cfg(feature = "ort")]
-        group.bench_with_input(BenchmarkId::new("onnxruntime", batch), &batch, |b, &batch| {
-            b.iter(|| step_latency(&mut ort, batch, 0, 1).unwrap())
-        });
+        let mut ort = {
+            let bytes = std::fs::read(path(file)).unwrap();
+            chardiff_runtime::onnxruntime::OrtDenoiser::from_bytes(&bytes, 1).unwrap()
+        };
+        for batch in [1usize, 8, 64] {
+            group.throughput(Throughput::Elements(batch as u64 * window));
+            let id = BenchmarkId::new(format!("tract-{precision}"), batch);
+            group.bench_with_input(id, &batch, |b, &batch| {
+                b.iter(|| step_latency(&mut tract, batch, 0, 1).unwrap())
+            });
+            #[cfg(feature = "ort")]
+            group.bench_with_input(
+                BenchmarkId::new(format!("onnxruntime-{precision}"), batch),
+                &batch,
+                |b, &batch| b.iter(|| step_latency(&mut ort, batch, 0, 1).unwrap()),
+            );
+        }
     }
     group.finish();
 }
 
 fn full_sample(c: &mut Criterion) {
-    let mut net = model();
+    let mut net = model("default.onnx");
     let config = SamplerConfig { steps: 50, td: 1.0, rule: StepRule::Ddim, seed: 0 };
     let mut group = c.benchmark_group("sample_50_steps");
     group.sample_size(10);

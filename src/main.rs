@@ -6,7 +6,7 @@ use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
 #[cfg(feature = "train")]
 use chardiff_runtime::tract::Format;
-use chardiff_runtime::tract::{native_f16, Device, Parallelism, TractDenoiser};
+use chardiff_runtime::tract::{int8_dot_product, native_f16, Device, Parallelism, TractDenoiser};
 use chardiff_runtime::Denoiser;
 use chardiff_runtime::{ModelSpec, Precision};
 use clap::{Parser, Subcommand};
@@ -81,9 +81,14 @@ enum Command {
         /// onnx, or nnef (tract's archive: what NNEF-only edge builds read).
         #[arg(long, default_value = "onnx", value_parser = enum_arg::<Format>)]
         format: Format,
-        /// Weight storage: f32, or f16 (half the file).
+        /// Weight storage: f32, f16 (half the file), or int8 (matrix products in int8, scales
+        /// calibrated on corpus windows; fast where the CPU has VNNI or dotprod).
         #[arg(long, default_value = "f32", value_parser = enum_arg::<Precision>)]
         precision: Precision,
+        /// int8: text to calibrate the activation scales on [default: RUN/calibration.txt, else
+        /// the run's training corpus].
+        #[arg(long)]
+        calibration: Option<PathBuf>,
         /// Sampling steps the file recommends [default: the run's --sample-steps].
         #[arg(long)]
         steps: Option<usize>,
@@ -135,7 +140,7 @@ struct SamplingFlags {
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
     #[arg(long, default_value = "cpu", value_parser = enum_arg::<Device>)]
     device: Device,
-    /// The weight precision the model file must have (f32 or f16); another is refused.
+    /// The weight precision the model file must have (f32, f16 or int8); another is refused.
     #[arg(long, value_parser = enum_arg::<Precision>)]
     precision: Option<Precision>,
     /// Arithmetic, f32 or f16 [default: f16 only for f16 weights on a CPU with native fp16
@@ -208,12 +213,22 @@ impl SamplingFlags {
                 enum_name(wanted)
             );
         }
+        if stored == Precision::Int8 {
+            match int8_dot_product() {
+                Some(feature) => eprintln!("note: int8 matrix products on {feature} kernels"),
+                None => eprintln!(
+                    "warning: this CPU has no int8 dot-product instructions (VNNI, AVX-VNNI or \
+                     dotprod): tract emulates int8 matrix products here, far slower than f32; \
+                     prefer the f32 file"
+                ),
+            }
+        }
         if stored == Precision::F16 || net.compute() == Precision::F16 {
             let why = match (net.compute(), native_f16()) {
                 (Precision::F16, true) => "this CPU has native fp16 arithmetic",
                 (Precision::F16, false) => "forced by --compute f16: scalar code here, slow",
-                (Precision::F32, true) => "forced by --compute f32",
-                (Precision::F32, false) => "the weights are widened at load: no native fp16 here",
+                (_, true) => "forced by --compute f32",
+                (_, false) => "the weights are widened at load: no native fp16 here",
             };
             eprintln!(
                 "note: {} weights, computing in {} ({why})",
@@ -292,12 +307,13 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out, format, precision, steps, td } => {
+        Command::Export { run, out, format, precision, calibration, steps, td } => {
             let options = chardiff_export::Options {
                 format,
                 precision,
                 recommended_steps: steps,
                 recommended_td: td,
+                calibration,
             };
             export(run, out, options)
         }
@@ -826,6 +842,10 @@ fn say(bar: &ProgressBar, line: String) {
 
 #[cfg(feature = "train")]
 fn export(run: PathBuf, out: PathBuf, options: chardiff_export::Options) -> Result<()> {
+    anyhow::ensure!(
+        options.calibration.is_none() || options.precision == Precision::Int8,
+        "--calibration is for --precision int8 (f32 and f16 need no calibration)"
+    );
     let summary = chardiff_export::export_run(&run, &out, options)
         .with_context(|| format!("exporting {}", run.display()))?;
     eprintln!(

@@ -90,6 +90,35 @@ fn train_export_sample_and_resume_through_the_cli() {
     let out = chardiff(&["sample", "--model", s(&nnef), "-n", "3", "--steps", "10", "--seed", "1"]);
     assert_eq!(String::from_utf8(out.stdout).unwrap(), text, "NNEF and ONNX, same text");
 
+    // int8: calibrated on the sample of the corpus the run kept; an f32 file asked to be int8,
+    // and int8 NNEF, are refused.
+    assert!(run.join("calibration.txt").exists(), "the run keeps a calibration sample");
+    let int8 = dir.path().join("m.int8.onnx");
+    let out = chardiff(&["export", s(&run), "--out", s(&int8), "--precision", "int8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = chardiff(&["sample", "--model", s(&int8), "-n", "3", "--steps", "10", "--seed", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
+    fails_with(
+        &["sample", "--model", s(&model), "--precision", "int8"],
+        "stores f32 weights, not int8",
+    );
+    fails_with(&["sample", "--model", s(&int8), "--compute", "int8"], "arithmetic (--compute)");
+    fails_with(
+        &["export", s(&run), "--out", s(&nnef), "--format", "nnef", "--precision", "int8"],
+        "keep int8 models as ONNX",
+    );
+    fails_with(
+        &["export", s(&run), "--out", s(&int8), "--calibration", s(&c)],
+        "--calibration is for --precision int8",
+    );
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "the garden").unwrap();
+    fails_with(
+        &["export", s(&run), "--out", s(&int8), "--precision", "int8", "--calibration", s(&short)],
+        "calibration needs at least 24",
+    );
+
     // Sampling settings measured after training become the file's recommendation.
     let tuned = dir.path().join("tuned.onnx");
     let out = chardiff(&["export", s(&run), "--out", s(&tuned), "--steps", "7", "--td", "0"]);

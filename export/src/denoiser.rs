@@ -2,8 +2,10 @@
 //! one ONNX node (or two) per operation, with the trained weights as initializers.
 
 use crate::graph::{attr_float, attr_int, attr_ints, attr_string, Dim, GraphBuilder};
+use crate::quantize::{quantize_columns, ActivationQuant};
 use chardiff_runtime::denoiser::io;
 use chardiff_runtime::{Head, ModelSpec, Precision};
+use chardiff_train::calibrate::{is_matmul_weight, ActivationRanges};
 use chardiff_train::model::{self, Init, Ops, LN_EPS};
 use chardiff_train::TrainedModel;
 use std::collections::BTreeMap;
@@ -20,6 +22,10 @@ pub enum ExportError {
     Spec(#[from] chardiff_runtime::SpecError),
     #[error("cannot read the weights: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("int8 export needs activation ranges: calibrate the model first")]
+    NeedsCalibration,
+    #[error("the calibration has no activation range for `{0}`: it was made for another model")]
+    Uncalibrated(String),
 }
 
 /// Writes each operation of the architecture as ONNX nodes; tensors are value names.
@@ -29,11 +35,34 @@ struct OnnxOps<'a> {
     precision: Precision,
     /// Index tensors already written (every block gathers with the same indices).
     indices: BTreeMap<Vec<usize>, String>,
+    /// int8: the calibrated input range of each weight matrix's product.
+    ranges: Option<&'a ActivationRanges>,
+    /// int8: weight matrices read but not written yet (their product writes them, in int8).
+    deferred: BTreeMap<String, (Vec<f32>, [usize; 2])>,
 }
 
 impl OnnxOps<'_> {
     fn scalar(&mut self, name: &str, v: f32) -> String {
         self.g.initializer_f32(name, &[], &[v])
+    }
+
+    /// x W as int8 arithmetic (`crate::quantize`): x quantized with its calibrated u8 grid,
+    /// W per output column, the int32 product scaled back to f32.
+    fn int8_matmul(&mut self, x: &str, name: &str, w: &[f32], shape: [usize; 2]) -> String {
+        let [n_in, n_out] = shape;
+        let (lo, hi) = self.ranges.and_then(|r| r.0.get(name)).copied().expect("checked at start");
+        let act = ActivationQuant::for_range(lo, hi);
+        let (w_q, w_scales) = quantize_columns(w, n_in, n_out);
+        let x_scale = self.scalar(&format!("{name}.x_scale"), act.scale);
+        let x_zero = self.g.initializer_u8(&format!("{name}.x_zero"), &[], &[act.zero_point]);
+        let x_q = self.g.node("QuantizeLinear", &[x, &x_scale, &x_zero], vec![]);
+        let w_q = self.g.initializer_i8(&format!("{name}.int8"), &shape, &w_q);
+        let product = self.g.node("MatMulInteger", &[&x_q, &w_q, &x_zero], vec![]);
+        let to_f32 = attr_int("to", DataType::Float as i64);
+        let product = self.g.node("Cast", &[&product], vec![to_f32]);
+        let scales: Vec<f32> = w_scales.iter().map(|s| s * act.scale).collect();
+        let scales = self.g.initializer_f32(&format!("{name}.scale"), &[n_out], &scales);
+        self.g.node("Mul", &[&product, &scales], vec![])
     }
 }
 
@@ -52,7 +81,11 @@ impl Ops for OnnxOps<'_> {
         }
         let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         match self.precision {
-            Precision::F32 => Ok(self.g.initializer_f32(name, shape, &data)),
+            Precision::Int8 if is_matmul_weight(name, shape) => {
+                self.deferred.insert(name.into(), (data, [shape[0], shape[1]]));
+                Ok(name.into())
+            }
+            Precision::F32 | Precision::Int8 => Ok(self.g.initializer_f32(name, shape, &data)),
             // f16 storage, widened by a Cast that tract folds at load: the graph computes in f32
             // unless the runtime converts it.
             Precision::F16 => {
@@ -73,6 +106,9 @@ impl Ops for OnnxOps<'_> {
     }
 
     fn matmul(&mut self, a: &String, b: &String) -> Result<String, ExportError> {
+        if let Some((w, shape)) = self.deferred.remove(b) {
+            return Ok(self.int8_matmul(a, b, &w, shape));
+        }
         Ok(self.g.node("MatMul", &[a, b], vec![]))
     }
 
@@ -163,18 +199,32 @@ impl Ops for OnnxOps<'_> {
 }
 
 /// The model as one self-describing ONNX graph, weights stored at `precision`, its spec in
-/// `metadata_props`.
+/// `metadata_props`. int8 needs the activation ranges of `chardiff_train::calibrate`.
 pub fn denoiser_graph(
     model: &TrainedModel,
     precision: Precision,
+    ranges: Option<&ActivationRanges>,
 ) -> Result<ModelProto, ExportError> {
     let spec = &ModelSpec { precision, ..model.spec.clone() };
     let (l, k) = (spec.window, spec.bits);
+    let ranges = match (precision, ranges) {
+        (Precision::Int8, None) => return Err(ExportError::NeedsCalibration),
+        (Precision::Int8, Some(ranges)) => Some(ranges),
+        _ => None,
+    };
+    if let Some(ranges) = ranges {
+        let weights = model.weights.iter().filter(|(n, t)| is_matmul_weight(n, t.dims()));
+        if let Some((name, _)) = weights.into_iter().find(|(n, _)| !ranges.0.contains_key(*n)) {
+            return Err(ExportError::Uncalibrated(name.clone()));
+        }
+    }
     let mut ops = OnnxOps {
         g: GraphBuilder::default(),
         weights: &model.weights,
         precision,
         indices: BTreeMap::new(),
+        ranges,
+        deferred: BTreeMap::new(),
     };
     let bits = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(k)];
     let inputs = model::Inputs {
@@ -188,6 +238,11 @@ pub fn denoiser_graph(
         }),
     };
     let outputs = model::forward(&mut ops, &model.config, spec, inputs)?;
+    assert!(
+        ops.deferred.is_empty(),
+        "weights used outside a matrix product: {:?}",
+        ops.deferred.keys()
+    );
     ops.g.output(io::X0, &outputs.x0, &bits);
     if let (Head::Softmax, Some(logits)) = (spec.head, &outputs.logits) {
         let dims = [Dim::Batch, Dim::Fixed(l), Dim::Fixed(spec.charset.len())];

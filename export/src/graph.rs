@@ -50,6 +50,15 @@ impl GraphBuilder {
         self.push_initializer(name, dims, DataType::Float16, raw)
     }
 
+    pub fn initializer_i8(&mut self, name: &str, dims: &[usize], data: &[i8]) -> String {
+        let raw = data.iter().map(|&v| v as u8).collect();
+        self.push_initializer(name, dims, DataType::Int8, raw)
+    }
+
+    pub fn initializer_u8(&mut self, name: &str, dims: &[usize], data: &[u8]) -> String {
+        self.push_initializer(name, dims, DataType::Uint8, data.to_vec())
+    }
+
     pub fn initializer_i64(&mut self, dims: &[usize], data: &[i64]) -> String {
         let name = self.fresh("const");
         let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();

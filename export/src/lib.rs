@@ -4,13 +4,16 @@
 
 pub mod denoiser;
 pub mod graph;
+pub mod quantize;
 
 pub use denoiser::{denoiser_graph, ExportError};
 
+use chardiff_runtime::corpus::{read_text, Corpus, CorpusError};
 use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
 use chardiff_runtime::Precision;
-use chardiff_train::checkpoint::{write_atomic, CheckpointError};
-use chardiff_train::TrainedModel;
+use chardiff_train::calibrate::{calibrate, ActivationRanges, CalibrationError, CALIBRATION_FILE};
+use chardiff_train::checkpoint::{read_json, write_atomic, CheckpointError, TRAIN_FILE};
+use chardiff_train::{TrainConfig, TrainedModel};
 use prost::Message;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +25,12 @@ pub enum Error {
     Export(#[from] ExportError),
     #[error("converting to NNEF")]
     Nnef(#[from] LoadError),
+    #[error("calibrating int8")]
+    Calibration(#[from] CalibrationError),
+    #[error("reading the calibration text")]
+    CalibrationText(#[from] CorpusError),
+    #[error("{0} has no {CALIBRATION_FILE} (its run predates int8 export) and its training corpus is not where train.json says: pass --calibration FILE, e.g. the training corpus")]
+    NoCalibration(PathBuf),
 
     #[error("cannot write {path}")]
     Write { path: PathBuf, source: std::io::Error },
@@ -35,7 +44,7 @@ pub struct Summary {
 }
 
 /// How to write a model file.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub format: Format,
     pub precision: Precision,
@@ -43,6 +52,9 @@ pub struct Options {
     /// eval`) rather than the run's settings.
     pub recommended_steps: Option<usize>,
     pub recommended_td: Option<f32>,
+    /// int8: the text whose windows calibrate the activation scales [default: the run's
+    /// calibration.txt, else its training corpus], preprocessed as the run's corpus was.
+    pub calibration: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -52,6 +64,7 @@ impl Default for Options {
             precision: Precision::F32,
             recommended_steps: None,
             recommended_td: None,
+            calibration: None,
         }
     }
 }
@@ -63,7 +76,11 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
     spec.recommended_steps = options.recommended_steps.unwrap_or(spec.recommended_steps);
     spec.recommended_td = options.recommended_td.unwrap_or(spec.recommended_td);
     spec.validate().map_err(|e| Error::Export(ExportError::Spec(e)))?;
-    let onnx = to_onnx_bytes(&model, options.precision)?;
+    let ranges = match options.precision {
+        Precision::Int8 => Some(calibrate(&model, &calibration_text(dir, &options)?)?),
+        _ => None,
+    };
+    let onnx = to_onnx_bytes(&model, options.precision, ranges.as_ref())?;
     let bytes = match options.format {
         Format::Onnx => onnx,
         Format::Nnef => onnx_to_nnef(&onnx)?,
@@ -76,7 +93,28 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
     })
 }
 
-/// The model as the bytes of an ONNX file.
-pub fn to_onnx_bytes(model: &TrainedModel, precision: Precision) -> Result<Vec<u8>, ExportError> {
-    Ok(denoiser_graph(model, precision)?.encode_to_vec())
+/// The model as the bytes of an ONNX file (int8 needs `ranges`).
+pub fn to_onnx_bytes(
+    model: &TrainedModel,
+    precision: Precision,
+    ranges: Option<&ActivationRanges>,
+) -> Result<Vec<u8>, ExportError> {
+    Ok(denoiser_graph(model, precision, ranges)?.encode_to_vec())
+}
+
+/// The text int8 calibration runs on (see `Options::calibration`).
+fn calibration_text(dir: &Path, options: &Options) -> Result<Vec<u8>, Error> {
+    let config: Option<TrainConfig> = read_json(dir, TRAIN_FILE).ok();
+    if let Some(path) = &options.calibration {
+        let preprocess = config.map_or(Default::default(), |c| c.preprocess);
+        return Ok(read_text(path, preprocess)?);
+    }
+    let sample = dir.join(CALIBRATION_FILE);
+    if sample.exists() {
+        return Ok(read_text(&sample, Default::default())?);
+    }
+    match config {
+        Some(c) if c.corpus.exists() => Ok(Corpus::load(&c.corpus, c.preprocess, c.window)?.train),
+        _ => Err(Error::NoCalibration(dir.to_path_buf())),
+    }
 }

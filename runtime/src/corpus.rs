@@ -6,10 +6,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preprocess {
     /// The bytes as they are.
+    #[default]
     None,
     /// The reference's cleaning: lines joined by a space, runs of spaces collapsed by one pass of
     /// "   " -> " " and one of "  " -> " ", stripped. Gives numbers comparable to the reference.
@@ -44,17 +45,7 @@ impl Corpus {
     pub fn load(path: &Path, preprocess: Preprocess, window: usize) -> Result<Corpus, CorpusError> {
         let raw = std::fs::read(path)
             .map_err(|source| CorpusError::Io { path: path.to_path_buf(), source })?;
-        if raw.is_empty() {
-            return Err(CorpusError::Empty(path.to_path_buf()));
-        }
-        let text = std::str::from_utf8(&raw).map_err(|e| CorpusError::NotUtf8 {
-            path: path.to_path_buf(),
-            offset: e.valid_up_to(),
-        })?;
-        let bytes = match preprocess {
-            Preprocess::None => raw.clone(),
-            Preprocess::Reference => reference_clean(text).into_bytes(),
-        };
+        let bytes = preprocessed(path, &raw, preprocess)?;
         let n = bytes.len();
         let (train_end, valid_end) = (n * 90 / 100, n * 96 / 100);
         if valid_end - train_end < window {
@@ -74,6 +65,25 @@ impl Corpus {
             test: bytes[valid_end..].to_vec(),
         })
     }
+}
+
+/// A text file as training sees it: non-empty UTF-8, cleaned the `preprocess` way.
+pub fn read_text(path: &Path, preprocess: Preprocess) -> Result<Vec<u8>, CorpusError> {
+    let raw = std::fs::read(path)
+        .map_err(|source| CorpusError::Io { path: path.to_path_buf(), source })?;
+    preprocessed(path, &raw, preprocess)
+}
+
+fn preprocessed(path: &Path, raw: &[u8], preprocess: Preprocess) -> Result<Vec<u8>, CorpusError> {
+    if raw.is_empty() {
+        return Err(CorpusError::Empty(path.to_path_buf()));
+    }
+    let text = std::str::from_utf8(raw)
+        .map_err(|e| CorpusError::NotUtf8 { path: path.to_path_buf(), offset: e.valid_up_to() })?;
+    Ok(match preprocess {
+        Preprocess::None => raw.to_vec(),
+        Preprocess::Reference => reference_clean(text).into_bytes(),
+    })
 }
 
 /// `n` windows of `window` bytes at evenly spaced starts: fixed real text to compare samples with.

@@ -60,6 +60,20 @@ pub enum Precision {
     F32,
     /// Half the file; computed in f32 (weights widened at load) unless the CPU has native fp16.
     F16,
+    /// Weight matrices in int8 (per output column scales), the activations multiplied by them
+    /// quantized to u8 with calibrated constant scales: the matrix products run on int8 kernels,
+    /// everything else in f32.
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Int8 => "int8",
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

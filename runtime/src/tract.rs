@@ -49,8 +49,12 @@ pub enum LoadError {
     Spec(#[from] SpecError),
     #[error("the graph does not follow the chardiff I/O contract: {0}")]
     Contract(String),
-    #[error("NNEF archives are written in f32 (tract folds f16 weights to f32 when it prepares a graph): keep f16 models as ONNX")]
-    NnefF16,
+    #[error("NNEF archives are written from f32 models only (tract folds f16 weights to f32 when it prepares a graph, and its NNEF writer has no form for ONNX's quantize operator): keep {0} models as ONNX")]
+    NnefNotF32(Precision),
+    #[error("arithmetic (--compute) is f32 or f16: int8 is how a file stores its weights (`chardiff export --precision int8`), and such a file runs its matrix products in int8 by itself")]
+    ComputeInt8,
+    #[error("an int8 model computes in f32 around its int8 matrix products: --compute f16 does not apply to it")]
+    Int8InF16,
     #[error("tract could not prepare the graph: {0}")]
     Tract(String),
     #[error("the graph's batch axis is not the `{BATCH_SYMBOL}` symbol")]
@@ -152,6 +156,28 @@ fn run_state(state: &mut Box<dyn State>, inputs: TVec<Tensor>) -> TractResult<Te
     Ok(outputs[0].cast_to::<f32>()?.into_owned())
 }
 
+/// The CPU feature that makes tract's int8 matrix products fast here (u8 x i8 dot products:
+/// AVX512-VNNI or AVX-VNNI on x86-64, dotprod on aarch64), if there is one. Without it tract
+/// emulates them, far slower than f32.
+pub fn int8_dot_product() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            return Some("avx512vnni");
+        }
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            return Some("avxvnni");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            return Some("dotprod");
+        }
+    }
+    None
+}
+
 /// Whether this CPU has native fp16 arithmetic (aarch64 FEAT_FP16) that tract's kernels use.
 /// Elsewhere tract computes f16 in scalar code, tens of times slower than f32.
 pub fn native_f16() -> bool {
@@ -195,6 +221,11 @@ impl TractDenoiser {
         compute: Option<Precision>,
     ) -> Result<TractDenoiser, LoadError> {
         let (spec, mut model) = typed_model(bytes)?;
+        match (compute, spec.precision) {
+            (Some(Precision::Int8), _) => return Err(LoadError::ComputeInt8),
+            (Some(Precision::F16), Precision::Int8) => return Err(LoadError::Int8InF16),
+            _ => {}
+        }
         let native = spec.precision == Precision::F16 && native_f16();
         let compute = compute.unwrap_or(if native { Precision::F16 } else { Precision::F32 });
         if compute == Precision::F16 {
@@ -472,7 +503,7 @@ fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
     let (spec, model) = typed_model(onnx_bytes)?;
     if spec.precision != Precision::F32 {
-        return Err(LoadError::NnefF16);
+        return Err(LoadError::NnefNotF32(spec.precision));
     }
     let mut model = model.into_decluttered().map_err(tract_error)?;
     model.properties.clear();

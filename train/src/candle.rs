@@ -58,7 +58,7 @@ impl Params {
                 None
             },
         };
-        model::forward(&mut CandleOps { params: &mut params, dtype }, config, spec, inputs)?;
+        model::forward(&mut CandleOps::new(&mut params, dtype), config, spec, inputs)?;
         Ok(params)
     }
 
@@ -119,6 +119,14 @@ fn check_shape(name: &str, t: &Tensor, shape: &[usize]) -> candle_core::Result<(
 pub struct CandleOps<'a> {
     pub params: &'a mut dyn ParamSource,
     pub dtype: DType,
+    /// Records what each weight matrix's product sees at its input (int8 calibration).
+    pub probe: Option<&'a mut crate::calibrate::Probe>,
+}
+
+impl<'a> CandleOps<'a> {
+    pub fn new(params: &'a mut dyn ParamSource, dtype: DType) -> CandleOps<'a> {
+        CandleOps { params, dtype, probe: None }
+    }
 }
 
 impl Ops for CandleOps<'_> {
@@ -126,7 +134,11 @@ impl Ops for CandleOps<'_> {
     type E = candle_core::Error;
 
     fn param(&mut self, name: &str, shape: &[usize], init: Init) -> candle_core::Result<Tensor> {
-        self.params.get(name, shape, init)
+        let param = self.params.get(name, shape, init)?;
+        if let Some(probe) = self.probe.as_deref_mut() {
+            probe.param(name, &param);
+        }
+        Ok(param)
     }
 
     fn constant(
@@ -139,6 +151,9 @@ impl Ops for CandleOps<'_> {
     }
 
     fn matmul(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(probe) = self.probe.as_deref_mut() {
+            probe.matmul(a, b)?;
+        }
         if b.rank() == 2 && a.rank() > 2 {
             // [.., n] x [n, m] as one 2-D matmul instead of a broadcast batch.
             let (lead, n) = a.dims().split_at(a.rank() - 1);
@@ -271,7 +286,8 @@ impl CandleDenoiser {
     pub fn forward(&self, input: &DenoiseInput<'_>) -> candle_core::Result<model::Outputs<Tensor>> {
         let dtype = self.weights.values().next().map_or(DType::F32, Tensor::dtype);
         let inputs = input_tensors(&self.spec, input, dtype)?;
-        let mut ops = CandleOps { params: &mut Frozen(&self.weights), dtype };
+        let mut params = Frozen(&self.weights);
+        let mut ops = CandleOps::new(&mut params, dtype);
         model::forward(&mut ops, &self.config, &self.spec, inputs)
     }
 }

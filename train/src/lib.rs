@@ -2,6 +2,7 @@
 //! The method's math (bits, schedules, the sampling loop) comes from chardiff-runtime, so
 //! training-time samples use the very loop that runs on a device.
 
+pub mod calibrate;
 pub mod candle;
 pub mod checkpoint;
 pub mod curves;

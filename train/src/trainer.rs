@@ -6,7 +6,8 @@ use crate::checkpoint::{self, Checkpoint, CheckpointError, ADAM_M, ADAM_V, EMA, 
 use crate::model::{self, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig, Ema};
 use candle_core::{DType, Device, Tensor, D};
-use chardiff_runtime::corpus::{Corpus, CorpusError, Preprocess};
+use chardiff_runtime::corpus::{spaced_windows, Corpus, CorpusError, Preprocess};
+use chardiff_runtime::files::write_atomic;
 use chardiff_runtime::metrics::{quality, vocabulary, Quality};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
@@ -191,12 +192,12 @@ pub struct EvalRecord {
 }
 
 /// One training or validation batch, all as tensors of the working dtype.
-struct Batch {
-    x0: Tensor,
-    x_t: Tensor,
-    t: Tensor,
+pub(crate) struct Batch {
+    pub(crate) x0: Tensor,
+    pub(crate) x_t: Tensor,
+    pub(crate) t: Tensor,
     /// `cond`, `cond_mask` for conditional models.
-    condition: Option<(Tensor, Tensor)>,
+    pub(crate) condition: Option<(Tensor, Tensor)>,
     /// [B, L, 1]: 1 where the loss counts (the unknown characters).
     weight: Tensor,
     /// [B, L, 1] charset indices of the true characters (cross-entropy).
@@ -271,6 +272,9 @@ impl Trainer {
             .map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
         checkpoint::write_json(&dir.join(checkpoint::MODEL_FILE), &model)?;
         checkpoint::write_json(&dir.join(checkpoint::TRAIN_FILE), &config)?;
+        let calibration = dir.join(crate::calibrate::CALIBRATION_FILE);
+        write_atomic(&calibration, &calibration_sample(&corpus.train))
+            .map_err(|source| CheckpointError::Io { path: calibration, source })?;
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
         let mut trainer = Trainer {
             dir: dir.to_path_buf(),
@@ -542,7 +546,7 @@ fn batch_loss(
     batch: &Batch,
 ) -> Result<Tensor, TrainError> {
     let b = spec.bit_scale as f64;
-    let mut ops = CandleOps { params, dtype: batch.x0.dtype() };
+    let mut ops = CandleOps::new(params, batch.x0.dtype());
     let zeros = batch.x0.zeros_like()?;
     let inputs = |x_self: Tensor| model::Inputs {
         x_t: batch.x_t.clone(),
@@ -593,7 +597,7 @@ fn adam_config(config: &TrainConfig) -> AdamWConfig {
 
 /// Noises a batch of windows: t ~ U(0, 1), x_t = sqrt(g) x0 + sqrt(1 - g) eps; for conditional
 /// models also draws which characters are known.
-fn make_batch(
+pub(crate) fn make_batch(
     spec: &ModelSpec,
     text: &[u8],
     self_cond: &[bool],
@@ -693,6 +697,13 @@ fn today() -> String {
 }
 
 /// `batch` windows of `window` bytes, starts drawn uniformly with replacement, concatenated.
+/// What int8 export calibrates with by default: 64 KiB of the train split, in 1 KiB pieces
+/// spread over all of it.
+fn calibration_sample(train: &[u8]) -> Vec<u8> {
+    let piece = train.len().min(1024);
+    spaced_windows(train, piece, 64).concat()
+}
+
 pub fn random_windows(data: &[u8], window: usize, batch: usize, rng: &mut impl Rng) -> Vec<u8> {
     let mut out = Vec::with_capacity(window * batch);
     for _ in 0..batch {

@@ -47,7 +47,7 @@ fn objective(
     inputs: &[Tensor],
     probes: &[Tensor],
 ) -> Tensor {
-    let mut ops = CandleOps { params, dtype: DType::F64 };
+    let mut ops = CandleOps::new(params, DType::F64);
     let condition = spec.conditioning.then(|| (inputs[3].clone(), inputs[4].clone()));
     let x = model::Inputs {
         x_t: inputs[0].clone(),
