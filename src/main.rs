@@ -19,16 +19,19 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc (v3) returns freed memory to the OS after a second (`purge_delay` 1000 ms): sampling
-/// 8 sequences on 2 threads then peaked at 84 MB. The sampler returns it at once: 55-57 MB, for
-/// ~10% more CPU time in the kernel (2 ms: 59-63 MB, 10 ms: 64-68 MB; BENCHMARKS.md). Training
-/// keeps the long delay.
-fn return_freed_memory_at_once() {
+/// When mimalloc (v3) returns freed memory to the OS, in ms; its default is 1000. The sampler
+/// returns it at once (0): sampling 8 sequences on 2 threads otherwise peaked at 84 MB, at once
+/// 55-57 MB, for ~10-20% more step time in page faults (2 ms: 59-63 MB, 10 ms: 64-68 MB;
+/// BENCHMARKS.md). Training never does (-1): every step frees and reallocates the same large
+/// tensors, and refaulting them cost ~8% of a step at the default (2.4-2.6 s vs 2.3-2.4 s per
+/// step of the default model, sys time 3.6-5.5 s vs 2.5 s over 8 steps) and 30% at 10 ms, for
+/// 5% more peak memory.
+fn set_purge_delay(ms: std::ffi::c_long) {
     // `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v3.3): libmimalloc-sys has no name
     // for it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: sets an integer option; mimalloc reads options at each use.
-    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) }
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, ms) }
 }
 
 /// The shipped default model in the format this build reads (NNEF builds get its NNEF twin).
@@ -193,14 +196,22 @@ impl SamplingFlags {
         Ok(bytes.into())
     }
 
+    /// The model on `device`, saying what its weights compute in.
     fn load_on(&self, device: Device) -> Result<TractDenoiser> {
+        let net = self.open_on(device)?;
+        self.announce(&net);
+        Ok(net)
+    }
+
+    /// `load_on` without the notes (a second copy of a model already announced).
+    fn open_on(&self, device: Device) -> Result<TractDenoiser> {
         let bytes = self.model_bytes()?;
         let net = TractDenoiser::from_bytes_with(&bytes, device, self.compute)
             .with_context(|| format!("loading {}", self.model_name()))?;
         self.checked(net)
     }
 
-    /// Refuses a file whose precision is not the one asked for; says what f16 weights run in.
+    /// Refuses a file whose precision is not the one asked for.
     fn checked(&self, mut net: TractDenoiser) -> Result<TractDenoiser> {
         net.set_threads(self.threads()?, self.parallelism)?;
         let stored = net.spec().precision;
@@ -213,6 +224,12 @@ impl SamplingFlags {
                 enum_name(wanted)
             );
         }
+        Ok(net)
+    }
+
+    /// Says what int8 and f16 weights run on here.
+    fn announce(&self, net: &TractDenoiser) {
+        let stored = net.spec().precision;
         if stored == Precision::Int8 {
             match int8_dot_product() {
                 Some(feature) => eprintln!("note: int8 matrix products on {feature} kernels"),
@@ -236,7 +253,6 @@ impl SamplingFlags {
                 enum_name(net.compute())
             );
         }
-        Ok(net)
     }
 
     /// The model, with its plan prepared for `batch` sequences per call (which, with
@@ -300,8 +316,11 @@ fn enum_arg<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Sample(_) | Command::Eval(_) | Command::Bench(_)) {
-        return_freed_memory_at_once();
+    match cli.command {
+        Command::Sample(_) | Command::Eval(_) | Command::Bench(_) => set_purge_delay(0),
+        #[cfg(feature = "train")]
+        Command::Train(_) => set_purge_delay(-1),
+        _ => {}
     }
     let result = match cli.command {
         #[cfg(feature = "train")]
@@ -441,7 +460,7 @@ mod bench {
     pub fn parity(args: ParityArgs) -> Result<()> {
         let first = args.batch.first().copied().unwrap_or(1);
         let (mut device, config) = args.sampling.load(first)?;
-        let mut cpu = args.sampling.load_on(Device::Cpu)?;
+        let mut cpu = args.sampling.open_on(Device::Cpu)?;
         println!("device plan: {:?}", device.device());
         for (op, n) in device.plan_ops() {
             println!("  {n:>4} x {op}");
@@ -1010,18 +1029,33 @@ mod train {
         };
         let bar = progress_bar(trainer.config.steps, "training");
         bar.set_position(trainer.step());
+        let (mut peak, mut speed) = (f64::NAN, String::new());
         trainer.run(|event| match event {
-            Event::Started { step, params, charset, split: [train, valid, test] } => say(
-                &bar,
-                format!(
-                    "run {}: {params} parameters; corpus {train}/{valid}/{test} bytes \
-                     train/valid/test, charset of {charset}; from step {step}",
-                    args.out.display()
-                ),
-            ),
-            Event::Step { step, loss, lr, tokens_per_s } => {
+            Event::Started {
+                step,
+                params,
+                charset,
+                split: [train, valid, test],
+                matmul_peak_gflops,
+            } => {
+                peak = matmul_peak_gflops;
+                say(
+                    &bar,
+                    format!(
+                        "run {}: {params} parameters; corpus {train}/{valid}/{test} bytes \
+                         train/valid/test, charset of {charset}; from step {step}; matmul peak \
+                         {peak:.0} GFLOP/s (candle, 1024^3)",
+                        args.out.display()
+                    ),
+                )
+            }
+            Event::Step { step, loss, lr, tokens_per_s, gflops } => {
                 bar.set_position(step);
-                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+                speed = format!(
+                    "{tokens_per_s:.0} tok/s, {gflops:.1} GFLOP/s = {:.0}% of matmul peak",
+                    100.0 * gflops / peak
+                );
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {speed}"));
             }
             Event::Eval(r) => {
                 let words = r.quality.as_ref().map_or(String::new(), |q| {
@@ -1030,7 +1064,7 @@ mod train {
                 say(
                     &bar,
                     format!(
-                        "step {:>7}  train {:.4}  val {:.4}{words}  {:.0}s",
+                        "step {:>7}  train {:.4}  val {:.4}{words}  {:.0}s  {speed}",
                         r.step, r.train_loss, r.val_loss, r.seconds
                     ),
                 );

@@ -204,17 +204,7 @@ fn the_flops_of_a_step_are_those_of_its_matrix_products() {
     let model = clone_model(&trained().model);
     let tract =
         TractDenoiser::from_bytes(&to_onnx_bytes(&model, Precision::F32, None).unwrap()).unwrap();
-    let (c, spec) = (&model.config, &model.spec);
-    let (l, d, f, k, v) = (spec.window, c.dim, c.ffn, spec.bits, spec.charset.len());
-    let input = if spec.conditioning { 3 * k + 1 } else { 2 * k };
-    let time = 2 * d * d; // two linears on one vector per sequence
-    let block = l * (3 * d * d + d * d + 2 * d * f) + 2 * l * l * d; // projections, attention
-    let head = match spec.head {
-        Head::Softmax => l * (d * v + v * k),
-        Head::Bits => l * d * k,
-    };
-    let fmas = l * input * d + time + c.layers * block + head;
-    assert_eq!(tract.flops_per_sequence().unwrap(), 2 * fmas as u64);
+    assert_eq!(tract.flops_per_sequence().unwrap(), model.config.forward_flops(&model.spec));
 }
 
 #[test]

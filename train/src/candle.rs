@@ -93,6 +93,19 @@ impl ParamSource for Params {
     }
 }
 
+/// candle's f32 matrix-product speed on this CPU (its default threads), in GFLOP/s: the best of
+/// `runs` products of two n x n matrices. What a training step's arithmetic is rated against.
+pub fn matmul_peak_gflops(n: usize, runs: usize) -> candle_core::Result<f64> {
+    let a = Tensor::ones((n, n), DType::F32, &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) + 1 {
+        let start = std::time::Instant::now();
+        drop(a.matmul(&a)?);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
 /// Fixed weights (EMA, a loaded checkpoint): every parameter must be present with its shape.
 pub struct Frozen<'a>(pub &'a BTreeMap<String, Tensor>);
 

@@ -67,6 +67,21 @@ pub enum Activation {
 }
 
 impl ModelConfig {
+    /// Floating-point operations of one forward pass per sequence: twice the multiply-adds of its
+    /// matrix products (element-wise work left out, as in GEMM peak figures). tract's cost model
+    /// of the exported graph gives the same count (tests/pipeline.rs).
+    pub fn forward_flops(&self, spec: &ModelSpec) -> u64 {
+        let (l, d, f, k, v) = (spec.window, self.dim, self.ffn, spec.bits, spec.charset.len());
+        let input = if spec.conditioning { 3 * k + 1 } else { 2 * k };
+        let time = 2 * d * d; // two linears on one vector per sequence
+        let block = l * (3 * d * d + d * d + 2 * d * f) + 2 * l * l * d; // projections, attention
+        let head = match spec.head {
+            Head::Softmax => l * (d * v + v * k),
+            Head::Bits => l * d * k,
+        };
+        2 * (l * input * d + time + self.layers * block + head) as u64
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.dim == 0 || self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return Err(format!(

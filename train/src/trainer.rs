@@ -1,7 +1,7 @@
 //! Training: x0-prediction loss with self-conditioning (and span conditioning for conditional
 //! models), AdamW with warm-up and cosine decay, EMA, validation, samples and checkpoints.
 
-use crate::candle::{CandleDenoiser, CandleOps, Frozen, ParamSource, Params};
+use crate::candle::{matmul_peak_gflops, CandleDenoiser, CandleOps, Frozen, ParamSource, Params};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, ADAM_M, ADAM_V, EMA, PARAMS};
 use crate::model::{self, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig, Ema};
@@ -165,12 +165,18 @@ pub enum Event<'a> {
         charset: usize,
         /// Bytes in the train, valid and test splits.
         split: [usize; 3],
+        /// candle's f32 matrix-product speed here (`candle::matmul_peak_gflops`).
+        matmul_peak_gflops: f64,
     },
     Step {
         step: u64,
         loss: f64,
         lr: f64,
         tokens_per_s: f64,
+        /// Arithmetic rate of the matrix products since this call started
+        /// (`ModelConfig::forward_flops`, three passes per step plus the self-conditioning pass
+        /// when it runs, on average).
+        gflops: f64,
     },
     Eval(&'a EvalRecord),
     Checkpoint {
@@ -374,6 +380,19 @@ impl Trainer {
         self.run_until(self.config.steps, on_event)
     }
 
+    /// Matrix-product FLOPs of one training step on average: forward and backward (three
+    /// forward passes' worth) for every sequence, and the self-conditioning pass when it runs.
+    fn flops_per_step(&self) -> f64 {
+        let (batch, rate) = (self.config.batch, self.config.self_cond_rate);
+        let self_cond = match (self.config.self_conditioning, self.config.self_cond_unit) {
+            (false, _) => 0.0,
+            (true, SelfCondUnit::Batch) => rate,
+            (true, SelfCondUnit::Example) => 1.0 - (1.0 - rate).powi(batch as i32),
+        };
+        let forward = self.model.forward_flops(&self.spec) as f64 * batch as f64;
+        forward * (3.0 + self_cond)
+    }
+
     /// Trains until step `stop` (at most `config.steps`) and checkpoints there; the schedule
     /// stays that of the whole run, so stopping and resuming changes nothing.
     pub fn run_until(
@@ -387,17 +406,22 @@ impl Trainer {
             params: self.parameter_count(),
             charset: self.spec.charset.len(),
             split: [self.corpus.train.len(), self.corpus.valid.len(), self.corpus.test.len()],
+            matmul_peak_gflops: matmul_peak_gflops(1024, 3)?,
         });
         let tokens_per_step = (self.config.batch * self.config.window) as f64;
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
+        let (mut steps_done, mut seconds) = (0u64, 0.0);
         while self.step() < stop {
             let started = Instant::now();
             let (loss, lr) = self.train_step()?;
             let elapsed = started.elapsed().as_secs_f64();
+            (steps_done, seconds) = (steps_done + 1, seconds + elapsed);
             loss_sum += loss;
             loss_count += 1;
             let step = self.step();
-            on_event(Event::Step { step, loss, lr, tokens_per_s: tokens_per_step / elapsed });
+            let gflops = self.flops_per_step() * steps_done as f64 / seconds / 1e9;
+            let tokens_per_s = tokens_per_step / elapsed;
+            on_event(Event::Step { step, loss, lr, tokens_per_s, gflops });
             let last = step == stop;
             if step.is_multiple_of(self.config.eval_every) || last {
                 let record = self.evaluate(loss_sum / loss_count as f64)?;
