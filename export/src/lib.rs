@@ -109,9 +109,11 @@ fn calibration_text(dir: &Path, options: &Options) -> Result<Vec<u8>, Error> {
         let preprocess = config.map_or(Default::default(), |c| c.preprocess);
         return Ok(read_text(path, preprocess)?);
     }
+    // Bytes of the run's preprocessed train split (pieces may cut a UTF-8 sequence: read raw).
     let sample = dir.join(CALIBRATION_FILE);
     if sample.exists() {
-        return Ok(read_text(&sample, Default::default())?);
+        return std::fs::read(&sample)
+            .map_err(|source| Error::CalibrationText(CorpusError::Io { path: sample, source }));
     }
     match config {
         Some(c) if c.corpus.exists() => Ok(Corpus::load(&c.corpus, c.preprocess, c.window)?.train),

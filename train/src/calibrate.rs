@@ -81,11 +81,11 @@ pub fn calibrate(model: &TrainedModel, text: &[u8]) -> Result<ActivationRanges, 
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut probe = Probe::default();
     let b = f64::from(spec.bit_scale);
+    let passes = if spec.self_conditioning { 2 } else { 1 };
     for chunk in windows.chunks(BATCH) {
         let batch =
             make_batch(spec, &chunk.concat(), &vec![false; chunk.len()], DType::F32, &mut rng)?;
         let mut x_self = batch.x0.zeros_like()?;
-        let passes = if spec.self_conditioning { 2 } else { 1 };
         for _pass in 0..passes {
             let mut params = Frozen(&model.weights);
             let mut ops =

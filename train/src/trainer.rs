@@ -720,14 +720,14 @@ fn today() -> String {
     format!("{year:04}-{month:02}-{day:02}")
 }
 
-/// `batch` windows of `window` bytes, starts drawn uniformly with replacement, concatenated.
 /// What int8 export calibrates with by default: 64 KiB of the train split, in 1 KiB pieces
-/// spread over all of it.
+/// spread over all of it (bytes: a piece may cut a UTF-8 sequence).
 fn calibration_sample(train: &[u8]) -> Vec<u8> {
     let piece = train.len().min(1024);
     spaced_windows(train, piece, 64).concat()
 }
 
+/// `batch` windows of `window` bytes, starts drawn uniformly with replacement, concatenated.
 pub fn random_windows(data: &[u8], window: usize, batch: usize, rng: &mut impl Rng) -> Vec<u8> {
     let mut out = Vec::with_capacity(window * batch);
     for _ in 0..batch {
