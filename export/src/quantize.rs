@@ -20,15 +20,6 @@ impl ActivationQuant {
         let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
         ActivationQuant { scale, zero_point }
     }
-
-    /// What QuantizeLinear computes (round half to even).
-    pub fn quantize(&self, x: f32) -> u8 {
-        ((x / self.scale).round_ties_even() + f32::from(self.zero_point)).clamp(0.0, 255.0) as u8
-    }
-
-    pub fn dequantize(&self, q: u8) -> f32 {
-        (f32::from(q) - f32::from(self.zero_point)) * self.scale
-    }
 }
 
 /// A row-major [n_in, n_out] matrix as int8 with one scale per output column.
@@ -55,6 +46,18 @@ pub fn quantize_columns(w: &[f32], n_in: usize, n_out: usize) -> (Vec<i8>, Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the runtime's QuantizeLinear computes (round half to even), and back.
+    impl ActivationQuant {
+        fn quantize(&self, x: f32) -> u8 {
+            let q = (x / self.scale).round_ties_even() + f32::from(self.zero_point);
+            q.clamp(0.0, 255.0) as u8
+        }
+
+        fn dequantize(&self, q: u8) -> f32 {
+            (f32::from(q) - f32::from(self.zero_point)) * self.scale
+        }
+    }
 
     #[test]
     fn activations_round_trip_within_half_a_step_and_zero_is_exact() {

@@ -66,13 +66,11 @@ pub enum Precision {
     Int8,
 }
 
+/// Its name in files and on the command line (the serde name).
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Int8 => "int8",
-        })
+        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(name.as_str().ok_or(std::fmt::Error)?)
     }
 }
 
