@@ -808,11 +808,15 @@ mod eval {
         } else {
             println!("{mode}: {} samples, {} steps, td {}", texts.len(), config.steps, config.td);
             println!(
-                "generated words {:.1}% of {}   boundary words {:.1}% of {}",
+                "generated words {:.1}% of {} (mean length {:.1}; weighted by length {:.1}%)   \
+                 boundary words {:.1}% of {} (mean length {:.1})",
                 100.0 * q.generated_word_rate,
                 q.generated_words,
+                q.generated_mean_length,
+                100.0 * q.generated_word_rate_by_length,
                 100.0 * q.boundary_word_rate,
-                q.boundary_words
+                q.boundary_words,
+                q.boundary_mean_length
             );
         }
         Ok(())

@@ -121,6 +121,14 @@ fn train_export_sample_and_resume_through_the_cli() {
         &["export", s(&run), "--out", s(&int8), "--precision", "int8", "--calibration", s(&short)],
         "calibration needs at least 24",
     );
+    // Unreadable run settings are named, not taken for a run that predates them.
+    let settings = std::fs::read(run.join("train.json")).unwrap();
+    std::fs::write(run.join("train.json"), "{").unwrap();
+    fails_with(
+        &["export", s(&run), "--out", s(&int8), "--precision", "int8"],
+        "train.json is invalid",
+    );
+    std::fs::write(run.join("train.json"), settings).unwrap();
 
     // Sampling settings measured after training become the file's recommendation.
     let tuned = dir.path().join("tuned.onnx");

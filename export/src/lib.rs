@@ -104,7 +104,12 @@ pub fn to_onnx_bytes(
 
 /// The text int8 calibration runs on (see `Options::calibration`).
 fn calibration_text(dir: &Path, options: &Options) -> Result<Vec<u8>, Error> {
-    let config: Option<TrainConfig> = read_json(dir, TRAIN_FILE).ok();
+    // A run's settings say how its corpus was preprocessed; a bare checkpoint has none.
+    let config: Option<TrainConfig> = match read_json(dir, TRAIN_FILE) {
+        Ok(config) => Some(config),
+        Err(CheckpointError::Missing { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     if let Some(path) = &options.calibration {
         let preprocess = config.map_or(Default::default(), |c| c.preprocess);
         return Ok(read_text(path, preprocess)?);

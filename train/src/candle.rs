@@ -1,7 +1,9 @@
-//! The architecture on candle: `CandleOps` implements `model::Ops` with differentiable primitives
-//! only (candle's fused LayerNorm and softmax have no backward), `Params` holds the trainable
-//! variables, and `CandleDenoiser` plugs frozen weights into the runtime's sampler.
+//! The architecture on candle: `CandleOps` implements `model::Ops` with differentiable operations
+//! only (candle's fused LayerNorm and softmax have no backward: ours in `crate::fused` have),
+//! `Params` holds the trainable variables, and `CandleDenoiser` plugs frozen weights into the
+//! runtime's sampler.
 
+use crate::fused;
 use crate::model::{self, Init, ModelConfig, Ops, LN_EPS};
 use candle_core::{DType, Device, Tensor, Var, D};
 use chardiff_runtime::{BoxError, DenoiseInput, Denoiser, ModelSpec};
@@ -192,22 +194,19 @@ impl Ops for CandleOps<'_> {
     }
 
     fn layer_norm(&mut self, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + f64::from(LN_EPS))?.sqrt()?)?;
-        normed.broadcast_mul(w)?.broadcast_add(b)
+        fused::layer_norm(x, w, b, LN_EPS)
     }
 
     fn softmax(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::softmax(x, D::Minus1)
+        fused::softmax_last_dim(x)
     }
 
     fn gelu_tanh(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.gelu()
+        fused::gelu_tanh(x)
     }
 
     fn silu(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.silu()
+        fused::silu(x)
     }
 
     fn sin(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {

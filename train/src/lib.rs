@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod candle;
 pub mod checkpoint;
 pub mod curves;
+mod fused;
 pub mod model;
 pub mod optim;
 pub mod trainer;

@@ -239,10 +239,11 @@ fn block<O: Ops>(
         o.transpose(&x, perm)
     };
     let q = split_heads(o, &q, &[0, 2, 1, 3])?; // [B, H, L, dh]
+                                                // Scaled before the product: q has dh / L as many elements as the scores.
+    let q = o.scale(&q, 1.0 / (dh as f32).sqrt())?;
     let k_t = split_heads(o, &k, &[0, 2, 3, 1])?; // [B, H, dh, L]
     let v = split_heads(o, &v, &[0, 2, 1, 3])?;
-    let scores = o.matmul(&q, &k_t)?;
-    let mut scores = o.scale(&scores, 1.0 / (dh as f32).sqrt())?;
+    let mut scores = o.matmul(&q, &k_t)?;
     match config.attention_bias {
         AttentionBias::None => {}
         AttentionBias::Full => {

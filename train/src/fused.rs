@@ -1,0 +1,561 @@
+//! Fused CPU kernels with hand-written gradients for the training step's element-wise hot spots:
+//! LayerNorm, softmax, SiLU and tanh-GELU.
+//!
+//! candle's own fused LayerNorm and softmax have no backward (their gradients silently vanish,
+//! ../shared/notes/candle.md), and the same functions composed from differentiable primitives
+//! cost 6-10 single-threaded passes over memory forward and as many backward (plus a zero-filled
+//! gradient buffer per primitive). Here each is one pass forward and one backward, split by rows
+//! over rayon's pool, the one candle's matrix products run on.
+//!
+//! f32 for training, f64 for the finite-difference checks below.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
+};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// LayerNorm over the last axis with weight and bias: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+}
+
+/// Softmax over the last axis.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+/// `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Activation::Silu)
+}
+
+/// `x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`, GELU's tanh form.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Activation::GeluTanh)
+}
+
+/// What the kernels compute in.
+trait Real: WithDType + Float + Send + Sync {
+    /// e^x, in a form the compiler vectorizes.
+    fn exp_fast(self) -> Self;
+}
+
+impl Real for f32 {
+    /// Cephes' expf: e^x = 2^n e^r with n = round(x / ln 2) and a degree-7 polynomial for e^r,
+    /// |r| <= ln 2 / 2; relative error ~1e-7. libm's expf is a call per element (6% of a training
+    /// step); this loop vectorizes. NaN stays NaN (divergence must still be seen).
+    #[inline]
+    fn exp_fast(self) -> f32 {
+        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+        let x = self.clamp(-87.3, 88.3); // 2^n stays a normal f32
+        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // x - n ln 2, ln 2 in two parts
+        let p = 1.987_569_1e-4_f32;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 0.166_666_65;
+        let p = p * r + 0.5;
+        let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        (p * r * r + r + 1.0) * two_n
+    }
+}
+
+impl Real for f64 {
+    /// Exact: f64 runs the finite-difference checks.
+    fn exp_fast(self) -> f64 {
+        self.exp()
+    }
+}
+
+/// Runs `$f::<T>` for the storage's element type.
+macro_rules! dispatch {
+    ($dtype:expr, $op:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            other => bail!("{} runs on f32 or f64, not {other:?}", $op),
+        }
+    };
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("fused kernels take contiguous tensors"),
+    }
+}
+
+/// Rows handed to one rayon task: ~16 K elements, enough to outweigh the task's overhead.
+fn rows_per_task(d: usize) -> usize {
+    (16 * 1024 / d.max(1)).max(1)
+}
+
+/// `f(out_row, in_rows...)` for every row of `d` elements, in parallel.
+fn map_rows<T: Real>(
+    d: usize,
+    inputs: [&[T]; 2],
+    f: impl Fn(&mut [T], &[T], &[T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); inputs[0].len()];
+    let chunk = d * rows_per_task(d);
+    out.par_chunks_mut(chunk)
+        .zip(inputs[0].par_chunks(chunk).zip(inputs[1].par_chunks(chunk)))
+        .for_each(|(out, (a, b))| {
+            for ((out, a), b) in out.chunks_mut(d).zip(a.chunks(d)).zip(b.chunks(d)) {
+                f(out, a, b);
+            }
+        });
+    out
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let x = slice::<T>(s, l)?;
+            let y = map_rows(last_dim(l), [x, x], |y, x, _| {
+                let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp_fast();
+                }
+                let inv = y.iter().fold(T::zero(), |sum, &y| sum + y).recip();
+                y.iter_mut().for_each(|y| *y = *y * inv);
+            });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        Ok((dispatch!(s.dtype(), self.name(), run(s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// dx = y * (g - <g, y>) per row.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            ys: &CpuStorage,
+            yl: &Layout,
+            gs: &CpuStorage,
+            gl: &Layout,
+        ) -> Result<CpuStorage> {
+            let (y, g) = (slice::<T>(ys, yl)?, slice::<T>(gs, gl)?);
+            let dx = map_rows(last_dim(yl), [y, g], |dx, y, g| {
+                let dot = y.iter().zip(g).fold(T::zero(), |acc, (&y, &g)| acc + y * g);
+                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = y * (g - dot);
+                }
+            });
+            Ok(T::to_cpu_storage_owned(dx))
+        }
+        Ok((dispatch!(ys.dtype(), self.name(), run(ys, yl, gs, gl))?, yl.shape().clone()))
+    }
+}
+
+/// An element-wise activation: its value and its derivative, per element.
+#[derive(Clone, Copy)]
+enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+impl Activation {
+    /// f(x) per element. Each activation gets its own loop (static calls the compiler inlines
+    /// and vectorizes; a function pointer chosen at run time would be a call per element).
+    fn values<T: Real>(self, d: usize, x: &[T]) -> Vec<T> {
+        fn apply<T: Real>(d: usize, x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+            map_rows(d, [x, x], |y, x, _| y.iter_mut().zip(x).for_each(|(y, &x)| *y = f(x)))
+        }
+        match self {
+            Activation::Silu => apply(d, x, silu_value),
+            Activation::GeluTanh => apply(d, x, gelu_value),
+        }
+    }
+
+    /// The gradient g f'(x) per element.
+    fn gradients<T: Real>(self, d: usize, x: &[T], g: &[T]) -> Vec<T> {
+        fn apply<T: Real>(d: usize, x: &[T], g: &[T], df: impl Fn(T) -> T + Sync) -> Vec<T> {
+            map_rows(d, [x, g], |dx, x, g| {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    *dx = g * df(x);
+                }
+            })
+        }
+        match self {
+            Activation::Silu => apply(d, x, g, silu_derivative),
+            Activation::GeluTanh => apply(d, x, g, gelu_derivative),
+        }
+    }
+}
+
+fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp_fast()).recip()
+}
+
+fn silu_value<T: Real>(x: T) -> T {
+    x * sigmoid(x)
+}
+
+/// s (1 + x (1 - s)), s = sigmoid(x).
+fn silu_derivative<T: Real>(x: T) -> T {
+    let s = sigmoid(x);
+    s * (T::one() + x * (T::one() - s))
+}
+
+/// tanh(u) from the kernels' exp: 1 - 2 / (e^2u + 1), exact at both saturations.
+fn tanh<T: Real>(u: T) -> T {
+    let two = T::one() + T::one();
+    T::one() - two / ((two * u).exp_fast() + T::one())
+}
+
+/// GELU's inner argument u(x) = sqrt(2 / pi) (x + 0.044715 x^3) and du/dx.
+fn gelu_inner<T: Real>(x: T) -> (T, T) {
+    let c = T::from(0.797_884_560_802_865_4).expect("sqrt(2 / pi)");
+    let a = T::from(0.044_715).expect("GELU's cubic coefficient");
+    let three = T::from(3).expect("3");
+    (c * (x + a * x * x * x), c * (T::one() + three * a * x * x))
+}
+
+fn gelu_value<T: Real>(x: T) -> T {
+    let half = T::from(0.5).expect("1/2");
+    half * x * (T::one() + tanh(gelu_inner(x).0))
+}
+
+/// 1/2 (1 + t) + x/2 (1 - t^2) du/dx, t = tanh(u(x)).
+fn gelu_derivative<T: Real>(x: T) -> T {
+    let half = T::from(0.5).expect("1/2");
+    let (u, du) = gelu_inner(x);
+    let t = tanh(u);
+    half * (T::one() + t + x * (T::one() - t * t) * du)
+}
+
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        match self {
+            Activation::Silu => "fused-silu",
+            Activation::GeluTanh => "fused-gelu-tanh",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(f: Activation, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            Ok(T::to_cpu_storage_owned(f.values(last_dim(l), slice::<T>(s, l)?)))
+        }
+        Ok((dispatch!(s.dtype(), self.name(), run(*self, s, l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &ActivationGrad(*self))?))
+    }
+}
+
+/// dx = g f'(x).
+struct ActivationGrad(Activation);
+
+impl CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "fused-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            f: Activation,
+            [xs, gs]: [&CpuStorage; 2],
+            [xl, gl]: [&Layout; 2],
+        ) -> Result<CpuStorage> {
+            let (x, g) = (slice::<T>(xs, xl)?, slice::<T>(gs, gl)?);
+            Ok(T::to_cpu_storage_owned(f.gradients(last_dim(xl), x, g)))
+        }
+        let storage = dispatch!(xs.dtype(), self.name(), run(self.0, [xs, gs], [xl, gl]))?;
+        Ok((storage, xl.shape().clone()))
+    }
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// A row's mean and 1 / standard deviation.
+fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
+    let n = T::from(x.len()).expect("a row length fits any float");
+    let mean = x.iter().fold(T::zero(), |acc, &v| acc + v) / n;
+    let var = x.iter().fold(T::zero(), |acc, &v| acc + (v - mean) * (v - mean)) / n;
+    (mean, (var + eps).sqrt().recip())
+}
+
+fn check_affine(name: &str, x: &Layout, w: &Layout, b: &Layout) -> Result<usize> {
+    let d = last_dim(x);
+    if w.shape().elem_count() != d || b.shape().elem_count() != d {
+        bail!(
+            "{name}: weight {:?} and bias {:?} must have the last axis of {:?}",
+            w.dims(),
+            b.dims(),
+            x.dims()
+        );
+    }
+    Ok(d)
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            eps: f32,
+            [xs, ws, bs]: [&CpuStorage; 3],
+            [xl, wl, bl]: [&Layout; 3],
+        ) -> Result<CpuStorage> {
+            let d = check_affine("fused-layer-norm", xl, wl, bl)?;
+            let (x, w, b) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?, slice::<T>(bs, bl)?);
+            let eps = T::from(eps).expect("eps fits any float");
+            let y = map_rows(d, [x, x], |y, x, _| {
+                let (mean, rstd) = moments(x, eps);
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - mean) * rstd * w + b;
+                }
+            });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let storage =
+            dispatch!(xs.dtype(), self.name(), run(self.eps, [xs, ws, bs], [xl, wl, bl]))?;
+        Ok((storage, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // One pass writes dx, dw and db into one buffer: [x.len() | d | d].
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormGrad { eps: self.eps })?;
+        let (n, d) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let db = packed.narrow(0, n + d, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// With x^ = (x - mean) rstd and gw = g * w per row: dx = rstd (gw - mean(gw) - x^ mean(gw x^)),
+/// dw = sum over rows of g x^, db = sum over rows of g.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            eps: f32,
+            [xs, ws, gs]: [&CpuStorage; 3],
+            [xl, wl, gl]: [&Layout; 3],
+        ) -> Result<CpuStorage> {
+            let d = check_affine("fused-layer-norm-grad", xl, wl, wl)?;
+            let (x, w, g) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?, slice::<T>(gs, gl)?);
+            let (eps, n) = (T::from(eps).expect("eps fits any float"), T::from(d).expect("d fits"));
+            let mut packed = vec![T::zero(); x.len() + 2 * d];
+            let (dx, dwb) = packed.split_at_mut(x.len());
+            let chunk = d * rows_per_task(d);
+            let partial_sums = dx
+                .par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                .map(|(dx, (x, g))| {
+                    let mut dwb = vec![T::zero(); 2 * d];
+                    for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                        let (mean, rstd) = moments(x, eps);
+                        let (mut mean_gw, mut mean_gwx) = (T::zero(), T::zero());
+                        for (((x, &g), &w), dwb) in x.iter().zip(g).zip(w).zip(dwb.iter_mut()) {
+                            let xhat = (*x - mean) * rstd;
+                            mean_gw = mean_gw + g * w;
+                            mean_gwx = mean_gwx + g * w * xhat;
+                            *dwb = *dwb + g * xhat;
+                        }
+                        for (db, &g) in dwb[d..].iter_mut().zip(g) {
+                            *db = *db + g;
+                        }
+                        let (mean_gw, mean_gwx) = (mean_gw / n, mean_gwx / n);
+                        for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                            let xhat = (x - mean) * rstd;
+                            *dx = rstd * (g * w - mean_gw - xhat * mean_gwx);
+                        }
+                    }
+                    dwb
+                })
+                .collect::<Vec<_>>();
+            for part in partial_sums {
+                dwb.iter_mut().zip(part).for_each(|(sum, v)| *sum = *sum + v);
+            }
+            Ok(T::to_cpu_storage_owned(packed))
+        }
+        let storage =
+            dispatch!(xs.dtype(), self.name(), run(self.eps, [xs, ws, gs], [xl, wl, gl]))?;
+        let len = xl.shape().elem_count() + 2 * wl.shape().elem_count();
+        Ok((storage, Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(shape: &[usize], scale: f64, rng: &mut ChaCha8Rng) -> Tensor {
+        let n = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| scale * rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Compares backprop through `f` with central finite differences of sum(f(inputs) * r), for
+    /// every element of every input, in f64.
+    fn check_gradients(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&tensors).unwrap();
+        let r = random(out.dims(), 1.0, &mut rng);
+        let objective = |ts: &[Tensor]| -> f64 {
+            (f(ts).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, var) in vars.iter().enumerate() {
+            let analytic: Vec<f64> =
+                grads.get(var).expect("a gradient").flatten_all().unwrap().to_vec1().unwrap();
+            let values: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+            for (j, &a) in analytic.iter().enumerate() {
+                let h = 1e-6;
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[j] += delta;
+                    let mut ts = inputs.to_vec();
+                    ts[i] = Tensor::from_vec(v, inputs[i].dims(), &Device::Cpu).unwrap();
+                    objective(&ts)
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (a - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                    "input {i}, element {j}: backprop {a} vs finite differences {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let x = random(&[2, 3, 8], 2.0, &mut rng);
+        let (w, b) = (random(&[8], 1.5, &mut rng), random(&[8], 1.0, &mut rng));
+        check_gradients(&[x.clone(), w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
+        check_gradients(&[x.clone()], |t| softmax_last_dim(&t[0]));
+        check_gradients(&[x.clone()], |t| silu(&t[0]));
+        check_gradients(&[x], |t| gelu_tanh(&t[0]));
+    }
+
+    /// The kernels compute what the composed candle functions compute, in f32, on shapes with a
+    /// partial last task, and from non-contiguous inputs.
+    #[test]
+    fn kernels_match_the_composed_functions() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = f32(random(&[3, 700, 48], 4.0, &mut rng)).transpose(0, 1).unwrap();
+        let (w, b) = (f32(random(&[48], 1.0, &mut rng)), f32(random(&[48], 1.0, &mut rng)));
+        let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        };
+
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let composed = centered
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_diff(&layer_norm(&x, &w, &b, 1e-5).unwrap(), &composed) < 1e-5);
+        let softmax = candle_nn::ops::softmax(&x, D::Minus1).unwrap();
+        assert!(max_diff(&softmax_last_dim(&x).unwrap(), &softmax) < 1e-6);
+        assert!(max_diff(&silu(&x).unwrap(), &x.silu().unwrap()) < 1e-5);
+        assert!(max_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -87_000..=88_000 {
+            let x = i as f32 * 1e-3 + 1.7e-4;
+            let exact = (x as f64).exp();
+            worst = worst.max(((x.exp_fast() as f64 - exact) / exact).abs() as f32);
+        }
+        eprintln!("fast exp: max relative error {worst:e}");
+        assert!(worst < 2e-7, "max relative error {worst}");
+        assert!(f32::NAN.exp_fast().is_nan());
+        let (tiny, huge) = ((-1e4f32).exp_fast(), 1e4f32.exp_fast());
+        assert!((0.0..1e-37).contains(&tiny) && huge.is_finite() && huge > 1e38);
+    }
+
+    #[test]
+    fn other_element_types_are_refused() {
+        let x = Tensor::zeros((2, 4), DType::U8, &Device::Cpu).unwrap();
+        let err = softmax_last_dim(&x).unwrap_err().to_string();
+        assert!(err.contains("f32 or f64"), "{err}");
+    }
+}
