@@ -132,7 +132,7 @@ impl CustomOp1 for Softmax {
                     *y = (x - max).exp_fast();
                 }
                 let inv = y.iter().fold(T::zero(), |sum, &y| sum + y).recip();
-                y.iter_mut().for_each(|y| *y = *y * inv);
+                y.iter_mut().for_each(|y| *y *= inv);
             });
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -423,12 +423,12 @@ impl CustomOp3 for LayerNormGrad {
                         let (mut mean_gw, mut mean_gwx) = (T::zero(), T::zero());
                         for (((x, &g), &w), dwb) in x.iter().zip(g).zip(w).zip(dwb.iter_mut()) {
                             let xhat = (*x - mean) * rstd;
-                            mean_gw = mean_gw + g * w;
-                            mean_gwx = mean_gwx + g * w * xhat;
-                            *dwb = *dwb + g * xhat;
+                            mean_gw += g * w;
+                            mean_gwx += g * w * xhat;
+                            *dwb += g * xhat;
                         }
                         for (db, &g) in dwb[d..].iter_mut().zip(g) {
-                            *db = *db + g;
+                            *db += g;
                         }
                         let (mean_gw, mean_gwx) = (mean_gw / n, mean_gwx / n);
                         for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
@@ -440,7 +440,7 @@ impl CustomOp3 for LayerNormGrad {
                 })
                 .collect::<Vec<_>>();
             for part in partial_sums {
-                dwb.iter_mut().zip(part).for_each(|(sum, v)| *sum = *sum + v);
+                dwb.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
             }
             Ok(T::to_cpu_storage_owned(packed))
         }
@@ -504,9 +504,10 @@ mod tests {
         let x = random(&[2, 3, 8], 2.0, &mut rng);
         let (w, b) = (random(&[8], 1.5, &mut rng), random(&[8], 1.0, &mut rng));
         check_gradients(&[x.clone(), w, b], |t| layer_norm(&t[0], &t[1], &t[2], 1e-5));
-        check_gradients(&[x.clone()], |t| softmax_last_dim(&t[0]));
-        check_gradients(&[x.clone()], |t| silu(&t[0]));
-        check_gradients(&[x], |t| gelu_tanh(&t[0]));
+        let x = std::slice::from_ref(&x);
+        check_gradients(x, |t| softmax_last_dim(&t[0]));
+        check_gradients(x, |t| silu(&t[0]));
+        check_gradients(x, |t| gelu_tanh(&t[0]));
     }
 
     /// The kernels compute what the composed candle functions compute, in f32, on shapes with a
