@@ -299,7 +299,8 @@ struct SampleArgs {
     #[arg(long, conflicts_with = "length")]
     infill: Option<String>,
     /// Total characters per sample: longer than one window by sliding, each new window
-    /// conditioned on the last half of the text so far.
+    /// conditioned on the last half of the text so far (seams fall between words: a window
+    /// rewrites the word its predecessor's edge cut).
     #[arg(long)]
     length: Option<usize>,
 }
@@ -376,14 +377,13 @@ fn run_sample(args: SampleArgs) -> Result<()> {
     }
     let prompt = args.prompt.unwrap_or_default();
     let texts = if let Some(length) = args.length {
-        let windows = generate::long_windows(spec.window, length);
-        let bar = progress_bar((windows * config.steps) as u64, "denoising");
+        let bar = progress_bar(length as u64, "bytes");
         let prompts = vec![prompt.as_str(); args.n];
-        let texts = generate::generate_long(&mut net, &config, &prompts, length, |i, _| {
-            bar.set_position(i as u64)
+        let texts = generate::generate_long(&mut net, &config, &prompts, length, |done, _| {
+            bar.set_position(done as u64)
         })?;
         bar.finish_and_clear();
-        texts
+        texts.into_iter().map(|t| t.text).collect::<Vec<_>>()
     } else {
         let (known, shown) = match &args.infill {
             Some(template) => generate::infill_known(&spec, template)?,
@@ -771,7 +771,10 @@ mod eval {
         let vocab = vocabulary(&String::from_utf8_lossy(&corpus.train));
         let windows = spaced_windows(&corpus.valid, window, args.n);
         let bar = progress_bar(config.steps as u64, "sampling");
-        let progress = |i: usize, _| bar.set_position(i as u64);
+        let progress = |i: usize, of: usize| {
+            bar.set_length(of as u64);
+            bar.set_position(i as u64)
+        };
         let texts: Vec<(Vec<u8>, Vec<u8>)> = match mode {
             "long" => {
                 let prompts = windows
@@ -779,10 +782,10 @@ mod eval {
                     .map(|w| std::str::from_utf8(&w[..half]))
                     .collect::<Result<Vec<&str>, _>>()
                     .context("a validation prompt splits a UTF-8 character: try another -n")?;
-                let texts =
-                    generate::generate_long(&mut net, &config, &prompts, args.length, progress)?;
-                let origins = generate::long_origins(window, half, args.length);
-                texts.into_iter().map(|t| (t, origins.clone())).collect()
+                generate::generate_long(&mut net, &config, &prompts, args.length, progress)?
+                    .into_iter()
+                    .map(|t| (t.text, t.origins))
+                    .collect()
             }
             _ => {
                 let known_at = |i: usize| match mode {
@@ -809,14 +812,17 @@ mod eval {
             println!("{mode}: {} samples, {} steps, td {}", texts.len(), config.steps, config.td);
             println!(
                 "generated words {:.1}% of {} (mean length {:.1}; weighted by length {:.1}%)   \
-                 boundary words {:.1}% of {} (mean length {:.1})",
+                 boundary words {:.1}% of {} (mean length {:.1})   \
+                 generated words beside a boundary {:.1}% of {}",
                 100.0 * q.generated_word_rate,
                 q.generated_words,
                 q.generated_mean_length,
                 100.0 * q.generated_word_rate_by_length,
                 100.0 * q.boundary_word_rate,
                 q.boundary_words,
-                q.boundary_mean_length
+                q.boundary_mean_length,
+                100.0 * q.adjacent_word_rate,
+                q.adjacent_words
             );
         }
         Ok(())

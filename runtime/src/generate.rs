@@ -3,6 +3,7 @@
 //! previous one).
 
 use crate::denoiser::Denoiser;
+use crate::metrics::is_word_byte;
 use crate::sampler::{sample, SampleError, SamplerConfig};
 use crate::spec::ModelSpec;
 
@@ -85,16 +86,30 @@ fn check_charset(spec: &ModelSpec, text: &str, what: &'static str) -> Result<(),
     Ok(())
 }
 
+/// A text of `generate_long` and, per byte, the pass that wrote it: 0 for the prompt, w + 1 for
+/// window w.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LongText {
+    pub text: Vec<u8>,
+    pub origins: Vec<u8>,
+}
+
 /// One text of `length` bytes per prompt, the prompt included: the first window continues the
-/// prompt (which may be empty), each further window keeps the last half of the text so far as its
-/// known prefix and generates the rest. All texts are sampled together as one batch.
+/// prompt (which may be empty), each further window keeps the last `long_overlap` bytes of the
+/// text so far as its known prefix and generates the rest. All texts are sampled together as
+/// one batch; `progress` gets the bytes written so far (the shortest text's) and `length`.
+///
+/// Seams fall between words: before the next window, a text gives back the word that the
+/// previous window's right edge cut (at most `long_redo` bytes after its last separator), so the
+/// next window writes that word whole with its left context known, instead of completing a word
+/// whose start was written without seeing the rest.
 pub fn generate_long<D: Denoiser + ?Sized>(
     net: &mut D,
     config: &SamplerConfig,
     prompts: &[&str],
     length: usize,
     mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<Vec<u8>>, GenerateError> {
+) -> Result<Vec<LongText>, GenerateError> {
     let n = prompts.len();
     if let Some(long) = prompts.iter().find(|p| p.len() >= length) {
         return Err(GenerateError::Length { length, prompt: long.len() });
@@ -105,35 +120,58 @@ pub fn generate_long<D: Denoiser + ?Sized>(
     for prompt in prompts {
         first.extend(prompt_known(&spec, prompt)?);
     }
-    let overlap = long_overlap(window);
-    let windows = long_windows(window, length);
-    let fresh_per_window = window - overlap;
-    let mut texts: Vec<Vec<u8>> = vec![Vec::new(); n];
-    for w in 0..windows {
+    let (overlap, redo) = (long_overlap(window), long_redo(window));
+    let fresh = window - overlap;
+    let mut texts: Vec<LongText> = prompts
+        .iter()
+        .map(|p| LongText { text: p.as_bytes().to_vec(), origins: vec![0; p.len()] })
+        .collect();
+    let unfinished =
+        |texts: &[LongText]| texts.iter().map(|t| t.text.len()).min().unwrap_or(length);
+    let (mut w, mut shown) = (0, 0);
+    while unfinished(&texts) < length {
         let known: Vec<Option<u8>> = if w == 0 {
             first.clone()
         } else {
             texts
                 .iter()
                 .flat_map(|t| {
-                    let tail = &t[t.len() - overlap..];
-                    tail.iter().map(|&b| Some(b)).chain(std::iter::repeat_n(None, fresh_per_window))
+                    let tail = &t.text[t.text.len() - overlap..];
+                    tail.iter().map(|&b| Some(b)).chain(std::iter::repeat_n(None, fresh))
                 })
                 .collect()
         };
         // A different seed per window: the same noise in every window would echo itself.
         let cfg = SamplerConfig { seed: config.seed.wrapping_add(w as u64), ..config.clone() };
+        let done = unfinished(&texts);
         let out = sample(net, &cfg, n, Some(&known), |i, steps| {
-            progress(w * steps + i, windows * steps)
+            // Given-back words can take the estimate back a little: the bar never goes back.
+            shown = (done + fresh * i / steps.max(1)).min(length).max(shown);
+            progress(shown, length)
         })?;
-        for (text, window_text) in texts.iter_mut().zip(out) {
-            let skip = if w == 0 { 0 } else { overlap };
-            text.extend_from_slice(&window_text[skip..]);
+        for ((t, prompt), window_text) in texts.iter_mut().zip(prompts).zip(out) {
+            if t.text.len() >= length {
+                continue;
+            }
+            let new = if w == 0 { &window_text[prompt.len()..] } else { &window_text[overlap..] };
+            t.text.extend_from_slice(new);
+            t.origins.resize(t.text.len(), (w + 1).min(255) as u8);
+            // Give back the word the window's edge cut, unless it is the end or too long.
+            if t.text.len() < length {
+                let from = t.text.len().saturating_sub(redo + 1).max(prompt.len());
+                if let Some(sep) = t.text[from..].iter().rposition(|&b| !is_word_byte(b)) {
+                    t.text.truncate(from + sep + 1);
+                    t.origins.truncate(from + sep + 1);
+                }
+            }
         }
+        w += 1;
     }
-    for text in &mut texts {
-        text.truncate(length);
+    for t in &mut texts {
+        t.text.truncate(length);
+        t.origins.truncate(length);
     }
+    progress(length, length);
     Ok(texts)
 }
 
@@ -142,19 +180,8 @@ pub fn long_overlap(window: usize) -> usize {
     window / 2
 }
 
-/// How many windows `generate_long` samples for `length` bytes.
-pub fn long_windows(window: usize, length: usize) -> usize {
-    1 + length.saturating_sub(window).div_ceil(window - long_overlap(window))
-}
-
-/// Which pass wrote each byte of a `generate_long` text: 0 for the prompt, w + 1 for window w.
-pub fn long_origins(window: usize, prompt: usize, length: usize) -> Vec<u8> {
-    let fresh = window - long_overlap(window);
-    (0..length)
-        .map(|i| match i {
-            i if i < prompt => 0,
-            i if i < window => 1,
-            i => (2 + (i - window) / fresh).min(255) as u8,
-        })
-        .collect()
+/// The most bytes `generate_long` gives back at a window's edge to move a seam between words:
+/// half of each window's fresh bytes, so every window still adds at least the other half.
+pub fn long_redo(window: usize) -> usize {
+    (window - long_overlap(window)) / 2
 }

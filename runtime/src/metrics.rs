@@ -10,6 +10,12 @@ pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()).map(str::to_lowercase)
 }
 
+/// Whether a byte of UTF-8 text belongs to a word: ASCII letters, and every byte of a multi-byte
+/// character (continuation and lead bytes), so accented words stay whole.
+pub fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b >= 0x80
+}
+
 /// The set of lower-cased words of a text (e.g. a corpus' train split).
 pub fn vocabulary(text: &str) -> HashSet<String> {
     words(text).collect()
@@ -141,6 +147,10 @@ mod tests {
 /// boundary words are longer than generated ones on average, and long words are harder to get
 /// right: the length-weighted rate of generated words is the interior rate of words met the way
 /// boundaries meet them.
+///
+/// Generated words that touch a boundary without straddling it (it falls on the separator next
+/// to them: a prompt ending in a space, or `generate_long`'s seams, which are placed between
+/// words) are counted among the generated words and also apart, as words at a boundary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SeamQuality {
     pub generated_words: usize,
@@ -151,22 +161,24 @@ pub struct SeamQuality {
     pub boundary_words: usize,
     pub boundary_word_rate: f64,
     pub boundary_mean_length: f64,
+    /// Generated words next to a boundary that falls on a separator beside them.
+    pub adjacent_words: usize,
+    pub adjacent_word_rate: f64,
 }
 
 pub fn seam_quality(texts: &[(Vec<u8>, Vec<u8>)], vocabulary: &HashSet<String>) -> SeamQuality {
     let (mut inside, mut inside_found, mut seam, mut seam_found) = (0, 0, 0, 0);
+    let (mut adjacent, mut adjacent_found) = (0, 0);
     // Bytes of generated words (all, and found), bytes of boundary words.
     let (mut inside_bytes, mut inside_found_bytes, mut seam_bytes) = (0, 0, 0);
     for (text, origins) in texts {
-        // UTF-8 continuation and lead bytes count as letters: accented words stay whole.
-        let letter = |b: u8| b.is_ascii_alphabetic() || b >= 0x80;
         let mut start = 0;
         while start < text.len() {
-            if !letter(text[start]) {
+            if !is_word_byte(text[start]) {
                 start += 1;
                 continue;
             }
-            let end = (start..text.len()).find(|&i| !letter(text[i])).unwrap_or(text.len());
+            let end = (start..text.len()).find(|&i| !is_word_byte(text[i])).unwrap_or(text.len());
             let cut = start == 0 || end == text.len();
             let span = &origins[start..end];
             if !cut && span.iter().any(|&o| o != 0) {
@@ -177,6 +189,10 @@ pub fn seam_quality(texts: &[(Vec<u8>, Vec<u8>)], vocabulary: &HashSet<String>) 
                     (inside, inside_found) = (inside + 1, inside_found + found);
                     (inside_bytes, inside_found_bytes) =
                         (inside_bytes + len, inside_found_bytes + found * len);
+                    // The separators on either side (the word is not cut, so both exist).
+                    if origins[start - 1] != span[0] || origins[end] != span[0] {
+                        (adjacent, adjacent_found) = (adjacent + 1, adjacent_found + found);
+                    }
                 } else {
                     (seam, seam_found, seam_bytes) =
                         (seam + 1, seam_found + found, seam_bytes + len);
@@ -193,6 +209,8 @@ pub fn seam_quality(texts: &[(Vec<u8>, Vec<u8>)], vocabulary: &HashSet<String>) 
         boundary_words: seam,
         boundary_word_rate: ratio(seam_found, seam),
         boundary_mean_length: ratio(seam_bytes, seam),
+        adjacent_words: adjacent,
+        adjacent_word_rate: ratio(adjacent_found, adjacent),
     }
 }
 
@@ -216,5 +234,18 @@ mod seam_tests {
         assert!((q.generated_word_rate_by_length - 5.0 / 7.0).abs() < 1e-12);
         assert!((q.generated_mean_length - 7.0 / 3.0).abs() < 1e-12);
         assert_eq!(q.boundary_mean_length, 3.0);
+        assert_eq!(q.adjacent_words, 0);
+    }
+
+    #[test]
+    fn words_beside_a_boundary_on_a_separator_are_counted_apart() {
+        let vocab = vocabulary("the cat sat on a mat");
+        // two passes meeting on the space after "cat": "xx the cat " | "sat zz on yy"
+        let text = b"xx the cat sat zz on yy".to_vec();
+        let origins: Vec<u8> = (0..text.len()).map(|i| 1 + u8::from(i >= 11)).collect();
+        let q = seam_quality(&[(text, origins)], &vocab);
+        // no word straddles; "sat" starts at the boundary; "the", "cat", "zz", "on" are inside.
+        assert_eq!(q.boundary_words, 0);
+        assert_eq!((q.generated_words, q.adjacent_words, q.adjacent_word_rate), (5, 1, 1.0));
     }
 }

@@ -1,6 +1,8 @@
 //! Prompts, infill templates and sliding-window generation.
 
-use chardiff_runtime::generate::{generate_long, infill_known, prompt_known, GenerateError};
+use chardiff_runtime::generate::{
+    generate_long, infill_known, prompt_known, GenerateError, LongText,
+};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::*;
 
@@ -55,13 +57,75 @@ fn a_prompt_is_continued() {
 #[test]
 fn long_text_slides_seamlessly_across_windows() {
     let mut net = Alphabet { spec: spec(8, true, Head::Bits) };
+    let text = |out: Vec<LongText>| out.into_iter().map(|t| t.text).collect::<Vec<_>>();
     let out = generate_long(&mut net, &config(), &["abc", "abc"], 60, |_, _| {}).unwrap();
     let expected: Vec<u8> = (0..60).map(|i| b'a' + (i % 26) as u8).collect();
-    assert_eq!(out, vec![expected.clone(), expected]);
+    assert_eq!(text(out), vec![expected.clone(), expected]);
     let mixed = generate_long(&mut net, &config(), &["xy", "f"], 10, |_, _| {}).unwrap();
-    assert_eq!(mixed, [b"xyzabcdefg".to_vec(), b"fghijklmno".to_vec()]);
+    assert_eq!(text(mixed), [b"xyzabcdefg".to_vec(), b"fghijklmno".to_vec()]);
     let short = generate_long(&mut net, &config(), &[""], 5, |_, _| {}).unwrap();
-    assert_eq!(short[0], b"abcde");
+    assert_eq!(short[0].text, b"abcde");
+    // Without separators no word can be given back: windows of 8 add 4 fresh bytes each.
+    let origins: Vec<u8> =
+        (0..16).map(|i| if i < 3 { 0 } else { 1 + (i as u8).saturating_sub(4) / 4 }).collect();
+    let one = generate_long(&mut net, &config(), &["abc"], 16, |_, _| {}).unwrap();
+    assert_eq!(one[0].origins, origins);
+}
+
+/// A conditional denoiser that continues the periodic text "ab ab ab ..." from the last known
+/// byte before each position ("a" at the start when none is known).
+struct Words {
+    spec: ModelSpec,
+}
+
+impl Denoiser for Words {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        const CYCLE: &[u8] = b"ab ";
+        let c = input.condition.expect("a conditional model always gets a condition");
+        let (l, k, bits) = (self.spec.window, self.spec.bits, self.spec.analog_bits());
+        for b in 0..input.batch {
+            let mut last = (0, 0); // (position, index in CYCLE) of the last known byte
+            let mut any = false;
+            for j in 0..l {
+                let at = (b * l + j) * k;
+                let byte = if c.mask[b * l + j] > 0.5 {
+                    let byte = bits.decode(&c.cond[at..at + k])[0];
+                    (last, any) = ((j, CYCLE.iter().position(|&x| x == byte).unwrap()), true);
+                    byte
+                } else if any {
+                    CYCLE[(last.1 + j - last.0) % CYCLE.len()]
+                } else {
+                    CYCLE[j % CYCLE.len()]
+                };
+                bits.encode_byte(byte, &mut x0[at..at + k]);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn long_text_seams_fall_between_words() {
+    let mut net = Words { spec: spec(8, true, Head::Bits) };
+    let mut seen = vec![];
+    let out =
+        generate_long(&mut net, &config(), &["a"], 40, |done, of| seen.push((done, of))).unwrap();
+    let (text, origins) = (&out[0].text, &out[0].origins);
+    let expected: Vec<u8> = (0..40).map(|i| b"ab "[i % 3]).collect();
+    assert_eq!(text, &expected);
+    assert_eq!(origins[0], 0);
+    // Window 0 wrote "ab ab ab", then gave back the cut "ab": every later pass starts a word.
+    assert_eq!(&origins[..8], &[0, 1, 1, 1, 1, 1, 2, 2]);
+    for i in 2..40 {
+        if origins[i] != origins[i - 1] {
+            assert_eq!(text[i - 1], b' ', "a seam inside a word at byte {i}: {origins:?}");
+        }
+    }
+    assert!(seen.windows(2).all(|p| p[0].0 <= p[1].0) && seen.last() == Some(&(40, 40)));
 }
 
 #[test]
@@ -88,12 +152,4 @@ fn bad_prompts_and_templates_say_what_fits() {
     let mut net = Alphabet { spec: s };
     assert!(err(generate_long(&mut net, &config(), &["abc"], 3, |_, _| {}).unwrap_err())
         .contains("nothing to generate"));
-}
-
-#[test]
-fn long_origins_follow_the_windows() {
-    use chardiff_runtime::generate::{long_origins, long_windows};
-    // window 8: 4 fresh bytes per window after the first.
-    assert_eq!(long_windows(8, 16), 3);
-    assert_eq!(long_origins(8, 3, 16), [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]);
 }
