@@ -9,13 +9,17 @@ use chardiff_runtime::*;
 mod common;
 use common::spec;
 
-/// A conditional denoiser that continues the alphabet from the last known character before each
-/// position (from 'a' when none is known), so the right output is known for every condition.
-struct Alphabet {
+/// A conditional denoiser that continues a periodic text from the last known byte before each
+/// position (from the period's start when none is known), so the right output is known for every
+/// condition.
+struct Cycle {
     spec: ModelSpec,
+    period: &'static [u8],
 }
 
-impl Denoiser for Alphabet {
+const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+
+impl Denoiser for Cycle {
     fn spec(&self) -> &ModelSpec {
         &self.spec
     }
@@ -23,17 +27,21 @@ impl Denoiser for Alphabet {
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
         let c = input.condition.expect("a conditional model always gets a condition");
         let (l, k, bits) = (self.spec.window, self.spec.bits, self.spec.analog_bits());
+        let n = self.period.len();
         for b in 0..input.batch {
-            let mut last: Option<(usize, u8)> = None;
+            // (position, index in the period) of the last known byte
+            let mut last = (0, 0);
             for j in 0..l {
                 let at = (b * l + j) * k;
                 let byte = if c.mask[b * l + j] > 0.5 {
                     let byte = bits.decode(&c.cond[at..at + k])[0];
-                    last = Some((j, byte));
+                    // (a byte outside the period, like an infill's literal `_`, is skipped)
+                    if let Some(i) = self.period.iter().position(|&x| x == byte) {
+                        last = (j, i);
+                    }
                     byte
                 } else {
-                    let (p, from) = last.unwrap_or((0, b'a'));
-                    b'a' + ((from - b'a') as usize + j - p) as u8 % 26
+                    self.period[(last.1 + j - last.0) % n]
                 };
                 bits.encode_byte(byte, &mut x0[at..at + k]);
             }
@@ -42,13 +50,17 @@ impl Denoiser for Alphabet {
     }
 }
 
+fn alphabet(window: usize) -> Cycle {
+    Cycle { spec: spec(window, true, Head::Bits), period: ALPHABET }
+}
+
 fn config() -> SamplerConfig {
     SamplerConfig { steps: 4, td: 0.0, rule: StepRule::Ddim, seed: 1 }
 }
 
 #[test]
 fn a_prompt_is_continued() {
-    let mut net = Alphabet { spec: spec(10, true, Head::Bits) };
+    let mut net = alphabet(10);
     let known = prompt_known(&net.spec, "xy").unwrap();
     let out = sample(&mut net, &config(), 1, Some(&known), |_, _| {}).unwrap();
     assert_eq!(out[0], b"xyzabcdefg");
@@ -56,7 +68,7 @@ fn a_prompt_is_continued() {
 
 #[test]
 fn long_text_slides_seamlessly_across_windows() {
-    let mut net = Alphabet { spec: spec(8, true, Head::Bits) };
+    let mut net = alphabet(8);
     let text = |out: Vec<LongText>| out.into_iter().map(|t| t.text).collect::<Vec<_>>();
     let out = generate_long(&mut net, &config(), &["abc", "abc"], 60, |_, _| {}).unwrap();
     let expected: Vec<u8> = (0..60).map(|i| b'a' + (i % 26) as u8).collect();
@@ -72,45 +84,9 @@ fn long_text_slides_seamlessly_across_windows() {
     assert_eq!(one[0].origins, origins);
 }
 
-/// A conditional denoiser that continues the periodic text "ab ab ab ..." from the last known
-/// byte before each position ("a" at the start when none is known).
-struct Words {
-    spec: ModelSpec,
-}
-
-impl Denoiser for Words {
-    fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
-        const CYCLE: &[u8] = b"ab ";
-        let c = input.condition.expect("a conditional model always gets a condition");
-        let (l, k, bits) = (self.spec.window, self.spec.bits, self.spec.analog_bits());
-        for b in 0..input.batch {
-            let mut last = (0, 0); // (position, index in CYCLE) of the last known byte
-            let mut any = false;
-            for j in 0..l {
-                let at = (b * l + j) * k;
-                let byte = if c.mask[b * l + j] > 0.5 {
-                    let byte = bits.decode(&c.cond[at..at + k])[0];
-                    (last, any) = ((j, CYCLE.iter().position(|&x| x == byte).unwrap()), true);
-                    byte
-                } else if any {
-                    CYCLE[(last.1 + j - last.0) % CYCLE.len()]
-                } else {
-                    CYCLE[j % CYCLE.len()]
-                };
-                bits.encode_byte(byte, &mut x0[at..at + k]);
-            }
-        }
-        Ok(())
-    }
-}
-
 #[test]
 fn long_text_seams_fall_between_words() {
-    let mut net = Words { spec: spec(8, true, Head::Bits) };
+    let mut net = Cycle { spec: spec(8, true, Head::Bits), period: b"ab " };
     let mut seen = vec![];
     let out =
         generate_long(&mut net, &config(), &["a"], 40, |done, of| seen.push((done, of))).unwrap();
@@ -130,7 +106,7 @@ fn long_text_seams_fall_between_words() {
 
 #[test]
 fn infill_templates_fill_each_gap_and_keep_the_rest() {
-    let mut net = Alphabet { spec: spec(16, true, Head::Bits) };
+    let mut net = alphabet(16);
     let (known, len) = infill_known(&net.spec, "ab__ef\\_x_").unwrap();
     assert_eq!(len, 9);
     let out = sample(&mut net, &config(), 1, Some(&known), |_, _| {}).unwrap();
@@ -149,7 +125,7 @@ fn bad_prompts_and_templates_say_what_fits() {
         .contains("longer than the model's window of 8"));
     assert!(err(infill_known(&s, "a_\\").unwrap_err()).contains("lone"));
     assert!(err(infill_known(&s, "Q_").unwrap_err()).contains("'Q'"));
-    let mut net = Alphabet { spec: s };
+    let mut net = Cycle { spec: s, period: ALPHABET };
     assert!(err(generate_long(&mut net, &config(), &["abc"], 3, |_, _| {}).unwrap_err())
         .contains("nothing to generate"));
 }
