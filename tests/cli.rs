@@ -64,6 +64,8 @@ fn train_export_sample_and_resume_through_the_cli() {
     let resumed = chardiff(&["train", "--out", s(&run), "--resume", "--steps", "60"]);
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("from step 40"));
+    let settings = std::fs::read_to_string(run.join("train.json")).unwrap();
+    assert!(settings.contains("\"steps\": 60"), "the new length is kept: {settings}");
 
     let model = dir.path().join("m.onnx");
     let out = chardiff(&["export", s(&run), "--out", s(&model)]);

@@ -308,6 +308,7 @@ impl Trainer {
         let mut config: TrainConfig = checkpoint::read_json(dir, checkpoint::TRAIN_FILE)?;
         let model: ModelConfig = checkpoint::read_json(dir, checkpoint::MODEL_FILE)?;
         let spec: ModelSpec = checkpoint::read_json(dir, checkpoint::SPEC_FILE)?;
+        let rescheduled = steps.is_some_and(|steps| steps != config.steps);
         if let Some(steps) = steps {
             config.steps = steps;
         }
@@ -355,6 +356,10 @@ impl Trainer {
         };
         trainer.val = trainer.validation_batches()?;
         trainer.vocabulary = vocabulary(&String::from_utf8_lossy(&trainer.corpus.train));
+        if rescheduled {
+            // The new length is the run's from now on: a later --resume without --steps keeps it.
+            checkpoint::write_json(&dir.join(checkpoint::TRAIN_FILE), &trainer.config)?;
+        }
         Ok(trainer)
     }
 
