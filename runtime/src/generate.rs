@@ -126,10 +126,9 @@ pub fn generate_long<D: Denoiser + ?Sized>(
         .iter()
         .map(|p| LongText { text: p.as_bytes().to_vec(), origins: vec![0; p.len()] })
         .collect();
-    let unfinished =
-        |texts: &[LongText]| texts.iter().map(|t| t.text.len()).min().unwrap_or(length);
+    let shortest = |texts: &[LongText]| texts.iter().map(|t| t.text.len()).min().unwrap_or(length);
     let (mut w, mut shown) = (0, 0);
-    while unfinished(&texts) < length {
+    while shortest(&texts) < length {
         let known: Vec<Option<u8>> = if w == 0 {
             first.clone()
         } else {
@@ -143,7 +142,7 @@ pub fn generate_long<D: Denoiser + ?Sized>(
         };
         // A different seed per window: the same noise in every window would echo itself.
         let cfg = SamplerConfig { seed: config.seed.wrapping_add(w as u64), ..config.clone() };
-        let done = unfinished(&texts);
+        let done = shortest(&texts);
         let out = sample(net, &cfg, n, Some(&known), |i, steps| {
             // Given-back words can take the estimate back a little: the bar never goes back.
             shown = (done + fresh * i / steps.max(1)).min(length).max(shown);
