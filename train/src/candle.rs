@@ -181,8 +181,19 @@ impl Ops for CandleOps<'_> {
         a.contiguous()?.matmul(&b.contiguous()?)
     }
 
+    fn linear(&mut self, x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(probe) = self.probe.as_deref_mut() {
+            probe.matmul(x, w)?;
+        }
+        fused::linear(x, w, b)
+    }
+
     fn add(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        a.broadcast_add(b)
+        if b.rank() < a.rank() && a.dims().ends_with(b.dims()) {
+            fused::add_bias(a, b)
+        } else {
+            a.broadcast_add(b)
+        }
     }
 
     fn mul(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {

@@ -1,5 +1,5 @@
 //! Fused CPU kernels with hand-written gradients for the training step's element-wise hot spots:
-//! LayerNorm, softmax, SiLU and tanh-GELU.
+//! LayerNorm, softmax, SiLU and tanh-GELU, linear layers, and the broadcast add of a bias.
 //!
 //! candle's own fused LayerNorm and softmax have no backward (their gradients silently vanish,
 //! ../shared/notes/candle.md), and the same functions composed from differentiable primitives
@@ -35,6 +35,25 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// `x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`, GELU's tanh form.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Activation::GeluTanh)
+}
+
+/// `x w + b` over the last axis: x [.., n], w [n, m], b [m] -> [.., m]. One node of the graph
+/// where the composed form has four (two reshapes, the product, the bias add), each of which costs
+/// a zero-filled gradient buffer and an add over the activations in candle's backward pass; the
+/// bias is the product's starting value, so it costs no pass of its own either.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
+}
+
+/// `x + b` where b's shape is the end of x's (a linear layer's bias, position embeddings, an
+/// attention bias). candle's `broadcast_add` gets the same value, but its gradient for `b` sums
+/// over the leading axes with a division per element on one thread (16% of a training step).
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (x_dims, b_dims) = (x.dims(), b.dims());
+    if b_dims.len() > x_dims.len() || !x_dims.ends_with(b_dims) {
+        bail!("add_bias: bias {b_dims:?} is not the end of {x_dims:?}");
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, AddBias)
 }
 
 /// What the kernels compute in.
@@ -303,6 +322,174 @@ impl CustomOp2 for ActivationGrad {
     }
 }
 
+struct Linear;
+
+/// A linear layer's (n, m): x must end in n, w be [n, m] and b [m].
+fn linear_dims(x: &[usize], w: &[usize], b: &[usize]) -> Result<(usize, usize)> {
+    match (x.last(), w, b) {
+        (Some(&n), &[wn, m], &[bm]) if wn == n && bm == m => Ok((n, m)),
+        _ => bail!("linear: x {x:?}, w {w:?}, b {b:?} are not [.., n], [n, m], [m]"),
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            (n, m): (usize, usize),
+            [xs, ws, bs]: [&CpuStorage; 3],
+            [xl, wl, bl]: [&Layout; 3],
+        ) -> Result<CpuStorage> {
+            let (x, w, b) = (slice::<T>(xs, xl)?, slice::<T>(ws, wl)?, slice::<T>(bs, bl)?);
+            let rows = x.len() / n.max(1);
+            let mut y = Vec::with_capacity(rows * m);
+            (0..rows).for_each(|_| y.extend_from_slice(b));
+            let threads = rayon::current_num_threads();
+            let parallelism = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: y is [rows, m], x [rows, n] and w [n, m], all row-major and contiguous, as
+            // the strides below say; gemm reads T as f32 or f64, the only types `dispatch` runs.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    m,
+                    n,
+                    y.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    true, // y = 1 y + 1 x w: y holds the bias
+                    x.as_ptr(),
+                    1,
+                    n as isize,
+                    w.as_ptr(),
+                    1,
+                    m as isize,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            };
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let dims = linear_dims(xl.dims(), wl.dims(), bl.dims())?;
+        let storage = dispatch!(xs.dtype(), self.name(), run(dims, [xs, ws, bs], [xl, wl, bl]))?;
+        let mut shape = xl.dims().to_vec();
+        *shape.last_mut().expect("x has a last axis") = dims.1;
+        Ok((storage, Shape::from(shape)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, m) = linear_dims(x.dims(), w.dims(), &[w.dim(1)?])?;
+        let rows = x.elem_count() / n.max(1);
+        // Detached: the gradient's own arithmetic needs no graph.
+        let (x2, w) = (x.detach().reshape((rows, n))?, w.detach());
+        let g = grad.detach().contiguous()?.reshape((rows, m))?;
+        let dx = g.matmul(&w.t()?)?.reshape(x.shape())?;
+        let dw = x2.t()?.matmul(&g)?;
+        let db = g.apply_op1_no_bwd(&SumRows { n: m })?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "fused-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>([xs, bs]: [&CpuStorage; 2], [xl, bl]: [&Layout; 2]) -> Result<CpuStorage> {
+            let (x, b) = (slice::<T>(xs, xl)?, slice::<T>(bs, bl)?);
+            let y = map_rows(b.len(), [x, x], |y, x, _| {
+                for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                    *y = x + b;
+                }
+            });
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        Ok((dispatch!(xs.dtype(), self.name(), run([xs, bs], [xl, bl]))?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = b.elem_count();
+        let db = grad.contiguous()?.apply_op1_no_bwd(&SumRows { n })?.reshape(b.shape())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// Sums of the rows of `n` elements a tensor is made of: [rows * n] -> [n].
+struct SumRows {
+    n: usize,
+}
+
+impl CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "fused-sum-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(n: usize, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+            let g = slice::<T>(s, l)?;
+            let partial_sums = g
+                .par_chunks(n * rows_per_task(n))
+                .map(|rows| {
+                    let mut sums = vec![T::zero(); n];
+                    for row in rows.chunks(n) {
+                        sums.iter_mut().zip(row).for_each(|(sum, &v)| *sum += v);
+                    }
+                    sums
+                })
+                .collect::<Vec<_>>();
+            let mut sums = vec![T::zero(); n];
+            for part in partial_sums {
+                sums.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
+            }
+            Ok(T::to_cpu_storage_owned(sums))
+        }
+        if self.n == 0 || l.shape().elem_count() % self.n != 0 {
+            bail!("fused-sum-rows: {:?} is not made of rows of {}", l.dims(), self.n);
+        }
+        Ok((dispatch!(s.dtype(), self.name(), run(self.n, s, l))?, Shape::from(self.n)))
+    }
+}
+
 struct LayerNorm {
     eps: f32,
 }
@@ -508,6 +695,11 @@ mod tests {
         check_gradients(x, |t| softmax_last_dim(&t[0]));
         check_gradients(x, |t| silu(&t[0]));
         check_gradients(x, |t| gelu_tanh(&t[0]));
+        let (w, bias) = (random(&[8, 5], 1.0, &mut rng), random(&[5], 1.0, &mut rng));
+        check_gradients(&[x[0].clone(), w, bias], |t| linear(&t[0], &t[1], &t[2]));
+        let (bias, table) = (random(&[8], 1.0, &mut rng), random(&[3, 8], 1.0, &mut rng));
+        check_gradients(&[x[0].clone(), bias], |t| add_bias(&t[0], &t[1]));
+        check_gradients(&[x[0].clone(), table], |t| add_bias(&t[0], &t[1]));
     }
 
     /// The kernels compute what the composed candle functions compute, in f32, on shapes with a
@@ -536,6 +728,20 @@ mod tests {
         assert!(max_diff(&softmax_last_dim(&x).unwrap(), &softmax) < 1e-6);
         assert!(max_diff(&silu(&x).unwrap(), &x.silu().unwrap()) < 1e-5);
         assert!(max_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap()) < 1e-5);
+        let weight = f32(random(&[48, 40], 1.0, &mut rng));
+        let product = x.reshape((2100, 48)).unwrap().matmul(&weight).unwrap();
+        let composed =
+            product.reshape((700, 3, 40)).unwrap().broadcast_add(&b.narrow(0, 0, 40).unwrap());
+        let fused = linear(&x, &weight, &b.narrow(0, 0, 40).unwrap()).unwrap();
+        assert!(max_diff(&fused, &composed.unwrap()) < 1e-4);
+        assert!(linear(&x, &weight.t().unwrap(), &b).is_err());
+        let table = f32(random(&[3, 48], 1.0, &mut rng));
+        assert_eq!(max_diff(&add_bias(&x, &b).unwrap(), &x.broadcast_add(&b).unwrap()), 0.0);
+        assert_eq!(
+            max_diff(&add_bias(&x, &table).unwrap(), &x.broadcast_add(&table).unwrap()),
+            0.0
+        );
+        assert!(add_bias(&x, &x.transpose(0, 1).unwrap()).is_err());
     }
 
     #[test]

@@ -119,6 +119,11 @@ pub trait Ops {
     fn constant(&mut self, name: &str, shape: &[usize], data: Vec<f32>)
         -> Result<Self::T, Self::E>;
     fn matmul(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T, Self::E>;
+    /// `x w + b`: w [n, m] over x's last axis, b [m].
+    fn linear(&mut self, x: &Self::T, w: &Self::T, b: &Self::T) -> Result<Self::T, Self::E> {
+        let y = self.matmul(x, w)?;
+        self.add(&y, b)
+    }
     fn add(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T, Self::E>;
     fn mul(&mut self, a: &Self::T, b: &Self::T) -> Result<Self::T, Self::E>;
     fn scale(&mut self, a: &Self::T, s: f32) -> Result<Self::T, Self::E>;
@@ -301,8 +306,7 @@ fn linear<O: Ops>(
 ) -> Result<O::T, O::E> {
     let w = o.param(&format!("{name}.w"), &[n_in, n_out], Init::Normal(std))?;
     let b = o.param(&format!("{name}.b"), &[n_out], Init::Zeros)?;
-    let y = o.matmul(x, &w)?;
-    o.add(&y, &b)
+    o.linear(x, &w, &b)
 }
 
 fn layer_norm<O: Ops>(o: &mut O, name: &str, x: &O::T, d: usize) -> Result<O::T, O::E> {
