@@ -483,7 +483,7 @@ impl CustomOp1 for SumRows {
             }
             Ok(T::to_cpu_storage_owned(sums))
         }
-        if self.n == 0 || l.shape().elem_count() % self.n != 0 {
+        if self.n == 0 || !l.shape().elem_count().is_multiple_of(self.n) {
             bail!("fused-sum-rows: {:?} is not made of rows of {}", l.dims(), self.n);
         }
         Ok((dispatch!(s.dtype(), self.name(), run(self.n, s, l))?, Shape::from(self.n)))
