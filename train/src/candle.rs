@@ -4,7 +4,7 @@
 //! runtime's sampler.
 
 use crate::fused;
-use crate::model::{self, Init, ModelConfig, Ops, LN_EPS};
+use crate::model::{self, Heads, Init, ModelConfig, Ops, LN_EPS};
 use candle_core::{DType, Device, Tensor, Var, D};
 use chardiff_runtime::{BoxError, DenoiseInput, Denoiser, ModelSpec};
 use rand::{Rng, SeedableRng};
@@ -186,6 +186,21 @@ impl Ops for CandleOps<'_> {
             probe.matmul(x, w)?;
         }
         fused::linear(x, w, b)
+    }
+
+    fn attention(
+        &mut self,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        Heads { l, heads, .. }: Heads,
+    ) -> candle_core::Result<Tensor> {
+        match bias {
+            Some(bias) => fused::attention(qkv, bias, heads),
+            None => {
+                let zeros = Tensor::zeros((heads, l, l), qkv.dtype(), qkv.device())?;
+                fused::attention(qkv, &zeros, heads)
+            }
+        }
     }
 
     fn add(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {

@@ -45,6 +45,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)
 }
 
+/// Multi-head self-attention from packed projections (see `model::Ops::attention`): `qkv`
+/// [B, L, 3 heads dh], `bias` [heads, L, L] -> [B, L, heads dh]. One node where the composed form
+/// has ~15 (splits, head transposes and their copies, scaling, two batched products, the bias,
+/// softmax); each sequence's heads run as small matrix products straight on the packed
+/// projections, sequences in parallel. The backward pass recomputes the attention weights.
+pub fn attention(qkv: &Tensor, bias: &Tensor, heads: usize) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op2(&bias.contiguous()?, Attention { heads })
+}
+
 /// `x + b` where b's shape is the end of x's (a linear layer's bias, position embeddings, an
 /// attention bias). candle's `broadcast_add` gets the same value, but its gradient for `b` sums
 /// over the leading axes with a division per element on one thread (16% of a training step).
@@ -322,6 +331,70 @@ impl CustomOp2 for ActivationGrad {
     }
 }
 
+/// A matrix inside a buffer: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat<P> {
+    ptr: P,
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Mat<*const T> {
+    /// Row-major with rows of `width` elements, from the slice's start.
+    fn rows(s: &[T], width: usize) -> Self {
+        Mat { ptr: s.as_ptr(), rs: width, cs: 1 }
+    }
+
+    fn t(self) -> Self {
+        Mat { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+}
+
+impl<T> Mat<*mut T> {
+    fn rows_mut(s: &mut [T], width: usize) -> Self {
+        Mat { ptr: s.as_mut_ptr(), rs: width, cs: 1 }
+    }
+}
+
+/// dst[m, n] += scale lhs[m, k] rhs[k, n], on `threads` of rayon's pool.
+///
+/// # Safety
+/// Every matrix must lie inside its buffer for the given sizes and strides, `dst` must not
+/// overlap the others, and T must be f32 or f64.
+unsafe fn gemm_add<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: Mat<*mut T>,
+    lhs: Mat<*const T>,
+    rhs: Mat<*const T>,
+    scale: T,
+    threads: usize,
+) {
+    let parallelism =
+        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let i = |s: usize| s as isize;
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        i(dst.cs),
+        i(dst.rs),
+        true,
+        lhs.ptr,
+        i(lhs.cs),
+        i(lhs.rs),
+        rhs.ptr,
+        i(rhs.cs),
+        i(rhs.rs),
+        T::one(),
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 struct Linear;
 
 /// A linear layer's (n, m): x must end in n, w be [n, m] and b [m].
@@ -355,37 +428,11 @@ impl CustomOp3 for Linear {
             let rows = x.len() / n.max(1);
             let mut y = Vec::with_capacity(rows * m);
             (0..rows).for_each(|_| y.extend_from_slice(b));
+            // y = y + x w: y holds the bias.
             let threads = rayon::current_num_threads();
-            let parallelism = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: y is [rows, m], x [rows, n] and w [n, m], all row-major and contiguous, as
-            // the strides below say; gemm reads T as f32 or f64, the only types `dispatch` runs.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    m,
-                    n,
-                    y.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    true, // y = 1 y + 1 x w: y holds the bias
-                    x.as_ptr(),
-                    1,
-                    n as isize,
-                    w.as_ptr(),
-                    1,
-                    m as isize,
-                    T::one(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
-            };
+            let (x, w) = (Mat::rows(x, n), Mat::rows(w, m));
+            // SAFETY: y is [rows, m], x [rows, n] and w [n, m], row-major.
+            unsafe { gemm_add((rows, m, n), Mat::rows_mut(&mut y, m), x, w, T::one(), threads) };
             Ok(T::to_cpu_storage_owned(y))
         }
         let dims = linear_dims(xl.dims(), wl.dims(), bl.dims())?;
@@ -412,6 +459,195 @@ impl CustomOp3 for Linear {
         let dw = x2.t()?.matmul(&g)?;
         let db = g.apply_op1_no_bwd(&SumRows { n: m })?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct Attention {
+    heads: usize,
+}
+
+/// (B, L, dh) of an attention call, checked.
+fn attention_dims(heads: usize, qkv: &[usize], bias: &[usize]) -> Result<(usize, usize, usize)> {
+    match *qkv {
+        [b, l, width] if heads > 0 && width % (3 * heads) == 0 && bias == [heads, l, l] => {
+            Ok((b, l, width / (3 * heads)))
+        }
+        _ => bail!("attention: qkv {qkv:?} and bias {bias:?} are not [B, L, 3 x {heads} dh] and [{heads}, L, L]"),
+    }
+}
+
+/// One sequence's q, k and v of head `h` inside its packed [L, 3d] projections.
+fn head_views<T>(qkv: &[T], d: usize, dh: usize, h: usize) -> [Mat<*const T>; 3] {
+    let at = |part: usize| Mat { ptr: qkv[part * d + h * dh..].as_ptr(), rs: 3 * d, cs: 1 };
+    [at(0), at(1), at(2)]
+}
+
+/// p = softmax(q k^T / sqrt(dh) + bias) for one head, [L, L] row-major, into `p`.
+fn attention_weights<T: Real>(
+    l: usize,
+    dh: usize,
+    q: Mat<*const T>,
+    k: Mat<*const T>,
+    bias: &[T],
+    p: &mut [T],
+) {
+    p.copy_from_slice(bias);
+    let scale = T::from(dh).expect("dh fits").sqrt().recip();
+    // SAFETY: q and k are [L, dh] views inside one sequence's projections, p is [L, L].
+    unsafe { gemm_add((l, l, dh), Mat::rows_mut(p, l), q, k.t(), scale, 1) };
+    for row in p.chunks_mut(l) {
+        let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
+        row.iter_mut().for_each(|v| *v = (*v - max).exp_fast());
+        let inv = row.iter().fold(T::zero(), |sum, &v| sum + v).recip();
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            heads: usize,
+            (l, dh): (usize, usize),
+            [qs, bs]: [&CpuStorage; 2],
+            [ql, bl]: [&Layout; 2],
+        ) -> Result<CpuStorage> {
+            let (qkv, bias) = (slice::<T>(qs, ql)?, slice::<T>(bs, bl)?);
+            let d = heads * dh;
+            let mut out = vec![T::zero(); qkv.len() / 3];
+            out.par_chunks_mut(l * d).zip(qkv.par_chunks(l * 3 * d)).for_each(|(out, qkv)| {
+                let mut p = vec![T::zero(); l * l];
+                for h in 0..heads {
+                    let [q, k, v] = head_views(qkv, d, dh, h);
+                    attention_weights(l, dh, q, k, &bias[h * l * l..(h + 1) * l * l], &mut p);
+                    let o = Mat { ptr: out[h * dh..].as_mut_ptr(), rs: d, cs: 1 };
+                    // SAFETY: o is this sequence's [L, dh] slot of head h, v an [L, dh] view.
+                    unsafe { gemm_add((l, dh, l), o, Mat::rows(&p, l), v, T::one(), 1) };
+                }
+            });
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let (b, l, dh) = attention_dims(self.heads, ql.dims(), bl.dims())?;
+        let storage =
+            dispatch!(qs.dtype(), self.name(), run(self.heads, (l, dh), [qs, bs], [ql, bl]))?;
+        Ok((storage, Shape::from((b, l, self.heads * dh))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grads = AttentionGrad { heads: self.heads };
+        let packed = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &grads)?;
+        let n = qkv.elem_count();
+        let dqkv = packed.narrow(0, 0, n)?.reshape(qkv.shape())?;
+        let dbias = packed.narrow(0, n, bias.elem_count())?.reshape(bias.shape())?;
+        Ok((Some(dqkv), Some(dbias)))
+    }
+}
+
+/// Per sequence and head, with p the attention weights and g the output's gradient:
+/// dv = p^T g, dp = g v^T, ds = p (dp - rowsum(dp p)), dq = ds k / sqrt(dh),
+/// dk = ds^T q / sqrt(dh), dbias = sum over sequences of ds. Packed: [dqkv | dbias].
+struct AttentionGrad {
+    heads: usize,
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "fused-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(
+            heads: usize,
+            (l, dh): (usize, usize),
+            [qs, bs, gs]: [&CpuStorage; 3],
+            [ql, bl, gl]: [&Layout; 3],
+        ) -> Result<CpuStorage> {
+            let (qkv, bias, g) = (slice::<T>(qs, ql)?, slice::<T>(bs, bl)?, slice::<T>(gs, gl)?);
+            let d = heads * dh;
+            let scale = T::from(dh).expect("dh fits").sqrt().recip();
+            let mut packed = vec![T::zero(); qkv.len() + bias.len()];
+            let (dqkv, dbias) = packed.split_at_mut(qkv.len());
+            let partial_sums = dqkv
+                .par_chunks_mut(l * 3 * d)
+                .zip(qkv.par_chunks(l * 3 * d).zip(g.par_chunks(l * d)))
+                .map(|(dqkv, (qkv, g))| {
+                    let mut dbias = vec![T::zero(); bias.len()];
+                    let (mut p, mut ds) = (vec![T::zero(); l * l], vec![T::zero(); l * l]);
+                    for h in 0..heads {
+                        let [q, k, v] = head_views(qkv, d, dh, h);
+                        let hb = h * l * l..(h + 1) * l * l;
+                        attention_weights(l, dh, q, k, &bias[hb.clone()], &mut p);
+                        let g = Mat { ptr: g[h * dh..].as_ptr(), rs: d, cs: 1 };
+                        let base = dqkv.as_mut_ptr();
+                        let at = |part: usize| Mat {
+                            ptr: base.wrapping_add(part * d + h * dh),
+                            rs: 3 * d,
+                            cs: 1,
+                        };
+                        let (dq, dk, dv) = (at(0), at(1), at(2));
+                        let p_ = Mat::rows(&p, l);
+                        ds.fill(T::zero());
+                        // SAFETY: every view is [L, dh] inside this sequence's buffers or [L, L]
+                        // scratch; dq, dk and dv are disjoint slots of this sequence's gradient.
+                        unsafe {
+                            gemm_add((l, dh, l), dv, p_.t(), g, T::one(), 1);
+                            gemm_add((l, l, dh), Mat::rows_mut(&mut ds, l), g, v.t(), T::one(), 1);
+                        }
+                        for ((ds, p), dbias) in
+                            ds.chunks_mut(l).zip(p.chunks(l)).zip(dbias[hb].chunks_mut(l))
+                        {
+                            let dot =
+                                ds.iter().zip(p).fold(T::zero(), |acc, (&dp, &p)| acc + dp * p);
+                            for ((ds, &p), db) in ds.iter_mut().zip(p).zip(dbias) {
+                                *ds = p * (*ds - dot);
+                                *db += *ds;
+                            }
+                        }
+                        let ds_ = Mat::rows(&ds, l);
+                        unsafe {
+                            gemm_add((l, dh, l), dq, ds_, k, scale, 1);
+                            gemm_add((l, dh, l), dk, ds_.t(), q, scale, 1);
+                        }
+                    }
+                    dbias
+                })
+                .collect::<Vec<_>>();
+            for part in partial_sums {
+                dbias.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
+            }
+            Ok(T::to_cpu_storage_owned(packed))
+        }
+        let (_, l, dh) = attention_dims(self.heads, ql.dims(), bl.dims())?;
+        let storage = dispatch!(
+            qs.dtype(),
+            self.name(),
+            run(self.heads, (l, dh), [qs, bs, gs], [ql, bl, gl])
+        )?;
+        let len = ql.shape().elem_count() + bl.shape().elem_count();
+        Ok((storage, Shape::from(len)))
     }
 }
 
@@ -695,6 +931,8 @@ mod tests {
         check_gradients(x, |t| softmax_last_dim(&t[0]));
         check_gradients(x, |t| silu(&t[0]));
         check_gradients(x, |t| gelu_tanh(&t[0]));
+        let (qkv, bias) = (random(&[2, 5, 12], 1.5, &mut rng), random(&[2, 5, 5], 1.0, &mut rng));
+        check_gradients(&[qkv, bias], |t| attention(&t[0], &t[1], 2));
         let (w, bias) = (random(&[8, 5], 1.0, &mut rng), random(&[5], 1.0, &mut rng));
         check_gradients(&[x[0].clone(), w, bias], |t| linear(&t[0], &t[1], &t[2]));
         let (bias, table) = (random(&[8], 1.0, &mut rng), random(&[3, 8], 1.0, &mut rng));
@@ -735,6 +973,29 @@ mod tests {
         let fused = linear(&x, &weight, &b.narrow(0, 0, 40).unwrap()).unwrap();
         assert!(max_diff(&fused, &composed.unwrap()) < 1e-4);
         assert!(linear(&x, &weight.t().unwrap(), &b).is_err());
+        let (qkv, bias) =
+            (f32(random(&[3, 7, 24], 2.0, &mut rng)), f32(random(&[2, 7, 7], 1.0, &mut rng)));
+        let heads = |x: Tensor, perm| x.reshape((3, 7, 2, 4)).unwrap().permute(perm).unwrap();
+        let part = |i: usize| qkv.narrow(2, 8 * i, 8).unwrap();
+        let (q, k, v) = (
+            heads(part(0), (0, 2, 1, 3)),
+            heads(part(1), (0, 2, 3, 1)),
+            heads(part(2), (0, 2, 1, 3)),
+        );
+        let scores = ((q.contiguous().unwrap().matmul(&k.contiguous().unwrap()).unwrap() * 0.5)
+            .unwrap())
+        .broadcast_add(&bias)
+        .unwrap();
+        let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let composed = p
+            .matmul(&v.contiguous().unwrap())
+            .unwrap()
+            .permute((0, 2, 1, 3))
+            .unwrap()
+            .reshape((3, 7, 8))
+            .unwrap();
+        assert!(max_diff(&attention(&qkv, &bias, 2).unwrap(), &composed) < 1e-5);
+        assert!(attention(&qkv, &bias, 3).is_err());
         let table = f32(random(&[3, 48], 1.0, &mut rng));
         assert_eq!(max_diff(&add_bias(&x, &b).unwrap(), &x.broadcast_add(&b).unwrap()), 0.0);
         assert_eq!(

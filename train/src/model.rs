@@ -150,6 +150,45 @@ pub trait Ops {
     fn reshape(&mut self, x: &Self::T, dims: &[usize]) -> Result<Self::T, Self::E>;
     fn transpose(&mut self, x: &Self::T, perm: &[usize]) -> Result<Self::T, Self::E>;
     fn unsqueeze(&mut self, x: &Self::T, axis: usize) -> Result<Self::T, Self::E>;
+
+    /// Multi-head self-attention from packed projections: `qkv` [B, L, 3d] holds q, k and v side
+    /// by side (d = heads x dh), `bias` [heads, L, L] is added to the scores; -> [B, L, d], per
+    /// head softmax(q k^T / sqrt(dh) + bias) v.
+    fn attention(
+        &mut self,
+        qkv: &Self::T,
+        bias: Option<&Self::T>,
+        Heads { l, heads, dh }: Heads,
+    ) -> Result<Self::T, Self::E> {
+        let d = heads * dh;
+        let [q, k, v]: [Self::T; 3] =
+            self.split(qkv, &[d, d, d])?.try_into().ok().expect("three parts");
+        let mut split_heads = |x: &Self::T, perm: &[usize]| {
+            let x = self.reshape(x, &[l, heads, dh])?;
+            self.transpose(&x, perm)
+        };
+        let q = split_heads(&q, &[0, 2, 1, 3])?; // [B, H, L, dh]
+        let k_t = split_heads(&k, &[0, 2, 3, 1])?; // [B, H, dh, L]
+        let v = split_heads(&v, &[0, 2, 1, 3])?;
+        // Scaled before the product: q has dh / L as many elements as the scores.
+        let q = self.scale(&q, 1.0 / (dh as f32).sqrt())?;
+        let mut scores = self.matmul(&q, &k_t)?;
+        if let Some(bias) = bias {
+            scores = self.add(&scores, bias)?;
+        }
+        let attention = self.softmax(&scores)?;
+        let mixed = self.matmul(&attention, &v)?; // [B, H, L, dh]
+        let mixed = self.transpose(&mixed, &[0, 2, 1, 3])?;
+        self.reshape(&mixed, &[l, d])
+    }
+}
+
+/// The sizes of multi-head attention: window, heads, and width per head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub l: usize,
+    pub heads: usize,
+    pub dh: usize,
 }
 
 /// Graph inputs (see `chardiff_runtime::denoiser::io`).
@@ -238,22 +277,10 @@ fn block<O: Ops>(
 
     let a = layer_norm(o, &format!("{name}.ln1"), h, d)?;
     let qkv = linear(o, &format!("{name}.attn.qkv"), &a, d, 3 * d, 0.02)?;
-    let [q, k, v]: [O::T; 3] = o.split(&qkv, &[d, d, d])?.try_into().ok().expect("three parts");
-    let split_heads = |o: &mut O, x: &O::T, perm: &[usize]| {
-        let x = o.reshape(x, &[l, heads, dh])?;
-        o.transpose(&x, perm)
-    };
-    let q = split_heads(o, &q, &[0, 2, 1, 3])?; // [B, H, L, dh]
-                                                // Scaled before the product: q has dh / L as many elements as the scores.
-    let q = o.scale(&q, 1.0 / (dh as f32).sqrt())?;
-    let k_t = split_heads(o, &k, &[0, 2, 3, 1])?; // [B, H, dh, L]
-    let v = split_heads(o, &v, &[0, 2, 1, 3])?;
-    let mut scores = o.matmul(&q, &k_t)?;
-    match config.attention_bias {
-        AttentionBias::None => {}
+    let bias = match config.attention_bias {
+        AttentionBias::None => None,
         AttentionBias::Full => {
-            let bias = o.param(&format!("{name}.attn.bias"), &[heads, l, l], Init::Zeros)?;
-            scores = o.add(&scores, &bias)?;
+            Some(o.param(&format!("{name}.attn.bias"), &[heads, l, l], Init::Zeros)?)
         }
         AttentionBias::Relative => {
             let learned =
@@ -264,14 +291,10 @@ fn block<O: Ops>(
             // Score (i, j) reads the table at offset j - i, shifted to 0..2L-1.
             let offsets: Vec<usize> =
                 (0..l).flat_map(|i| (0..l).map(move |j| j + l - 1 - i)).collect();
-            let bias = o.gather(&table, &offsets, &[l, l])?;
-            scores = o.add(&scores, &bias)?;
+            Some(o.gather(&table, &offsets, &[l, l])?)
         }
-    }
-    let attention = o.softmax(&scores)?;
-    let mixed = o.matmul(&attention, &v)?; // [B, H, L, dh]
-    let mixed = o.transpose(&mixed, &[0, 2, 1, 3])?;
-    let mixed = o.reshape(&mixed, &[l, d])?;
+    };
+    let mixed = o.attention(&qkv, bias.as_ref(), Heads { l, heads, dh })?;
     let attended = linear(o, &format!("{name}.attn.out"), &mixed, d, d, out_std)?;
     let h = o.add(h, &attended)?;
 
