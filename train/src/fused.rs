@@ -79,7 +79,8 @@ impl Real for f32 {
     fn exp_fast(self) -> f32 {
         const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
         let x = self.clamp(-87.3, 88.3); // 2^n stays a normal f32
-        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let shifted = x * std::f32::consts::LOG2_E + ROUND; // n sits in its low mantissa bits
+        let n = shifted - ROUND;
         let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // x - n ln 2, ln 2 in two parts
         let p = 1.987_569_1e-4_f32;
         let p = p * r + 1.398_199_9e-3;
@@ -87,7 +88,9 @@ impl Real for f32 {
         let p = p * r + 4.166_579_6e-2;
         let p = p * r + 0.166_666_65;
         let p = p * r + 0.5;
-        let two_n = f32::from_bits(((n as i32 + 127) << 23) as u32);
+        // 2^n from n's bits: integer arithmetic that vectorizes (`n as i32` is a scalar convert).
+        let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+        let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
         (p * r * r + r + 1.0) * two_n
     }
 }
@@ -140,6 +143,53 @@ fn map_rows<T: Real>(
     out
 }
 
+/// Independent accumulators a reduction keeps: a single running value is one long dependency
+/// chain (~4 cycles per element); this many chains side by side vectorize.
+const LANES: usize = 16;
+
+/// `combine` over `map` of every element, in `LANES` interleaved chains: `combine` must be
+/// associative and commutative, `init` its identity.
+#[inline]
+fn reduce_lanes<T: Real>(x: &[T], init: T, map: impl Fn(T) -> T, combine: impl Fn(T, T) -> T) -> T {
+    let mut lanes = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder().iter().fold(init, |acc, &v| combine(acc, map(v)));
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = combine(*lane, map(v));
+        }
+    }
+    lanes.into_iter().fold(rest, combine)
+}
+
+fn sum<T: Real>(x: &[T]) -> T {
+    reduce_lanes(x, T::zero(), |v| v, |a, b| a + b)
+}
+
+/// sum of a b, in `LANES` chains.
+#[inline]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest = a_chunks.remainder().iter().zip(b_chunks.remainder());
+    let rest = rest.fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((lane, &a), &b) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += a * b;
+        }
+    }
+    lanes.into_iter().fold(rest, |acc, v| acc + v)
+}
+
+/// Softmax of one row, in place.
+#[inline]
+fn softmax_in_place<T: Real>(row: &mut [T]) {
+    let max = reduce_lanes(row, T::neg_infinity(), |v| v, Float::max);
+    row.iter_mut().for_each(|v| *v = (*v - max).exp_fast());
+    let inv = sum(row).recip();
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
 }
@@ -155,12 +205,8 @@ impl CustomOp1 for Softmax {
         fn run<T: Real>(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
             let x = slice::<T>(s, l)?;
             let y = map_rows(last_dim(l), [x, x], |y, x, _| {
-                let max = x.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp_fast();
-                }
-                let inv = y.iter().fold(T::zero(), |sum, &y| sum + y).recip();
-                y.iter_mut().for_each(|y| *y *= inv);
+                y.copy_from_slice(x);
+                softmax_in_place(y);
             });
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -195,7 +241,7 @@ impl CustomOp2 for SoftmaxGrad {
         ) -> Result<CpuStorage> {
             let (y, g) = (slice::<T>(ys, yl)?, slice::<T>(gs, gl)?);
             let dx = map_rows(last_dim(yl), [y, g], |dx, y, g| {
-                let dot = y.iter().zip(g).fold(T::zero(), |acc, (&y, &g)| acc + y * g);
+                let dot = dot(y, g);
                 for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
                     *dx = y * (g - dot);
                 }
@@ -495,12 +541,7 @@ fn attention_weights<T: Real>(
     let scale = T::from(dh).expect("dh fits").sqrt().recip();
     // SAFETY: q and k are [L, dh] views inside one sequence's projections, p is [L, L].
     unsafe { gemm_add((l, l, dh), Mat::rows_mut(p, l), q, k.t(), scale, 1) };
-    for row in p.chunks_mut(l) {
-        let max = row.iter().fold(T::neg_infinity(), |m, &v| Float::max(m, v));
-        row.iter_mut().for_each(|v| *v = (*v - max).exp_fast());
-        let inv = row.iter().fold(T::zero(), |sum, &v| sum + v).recip();
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
+    p.chunks_mut(l).for_each(softmax_in_place);
 }
 
 impl CustomOp2 for Attention {
@@ -525,13 +566,15 @@ impl CustomOp2 for Attention {
             let d = heads * dh;
             let mut out = vec![T::zero(); qkv.len() / 3];
             out.par_chunks_mut(l * d).zip(qkv.par_chunks(l * 3 * d)).for_each(|(out, qkv)| {
-                let mut p = vec![T::zero(); l * l];
-                for h in 0..heads {
-                    let [q, k, v] = head_views(qkv, d, dh, h);
-                    attention_weights(l, dh, q, k, &bias[h * l * l..(h + 1) * l * l], &mut p);
-                    let o = Mat { ptr: out[h * dh..].as_mut_ptr(), rs: d, cs: 1 };
-                    // SAFETY: o is this sequence's [L, dh] slot of head h, v an [L, dh] view.
-                    unsafe { gemm_add((l, dh, l), o, Mat::rows(&p, l), v, T::one(), 1) };
+                {
+                    let mut p = vec![T::zero(); l * l];
+                    for h in 0..heads {
+                        let [q, k, v] = head_views(qkv, d, dh, h);
+                        attention_weights(l, dh, q, k, &bias[h * l * l..(h + 1) * l * l], &mut p);
+                        let o = Mat { ptr: out[h * dh..].as_mut_ptr(), rs: d, cs: 1 };
+                        // SAFETY: o is this sequence's [L, dh] slot of head h, v an [L, dh] view.
+                        unsafe { gemm_add((l, dh, l), o, Mat::rows(&p, l), v, T::one(), 1) };
+                    }
                 }
             });
             Ok(T::to_cpu_storage_owned(out))
@@ -594,45 +637,53 @@ impl CustomOp3 for AttentionGrad {
                 .par_chunks_mut(l * 3 * d)
                 .zip(qkv.par_chunks(l * 3 * d).zip(g.par_chunks(l * d)))
                 .map(|(dqkv, (qkv, g))| {
-                    let mut dbias = vec![T::zero(); bias.len()];
-                    let (mut p, mut ds) = (vec![T::zero(); l * l], vec![T::zero(); l * l]);
-                    for h in 0..heads {
-                        let [q, k, v] = head_views(qkv, d, dh, h);
-                        let hb = h * l * l..(h + 1) * l * l;
-                        attention_weights(l, dh, q, k, &bias[hb.clone()], &mut p);
-                        let g = Mat { ptr: g[h * dh..].as_ptr(), rs: d, cs: 1 };
-                        let base = dqkv.as_mut_ptr();
-                        let at = |part: usize| Mat {
-                            ptr: base.wrapping_add(part * d + h * dh),
-                            rs: 3 * d,
-                            cs: 1,
-                        };
-                        let (dq, dk, dv) = (at(0), at(1), at(2));
-                        let p_ = Mat::rows(&p, l);
-                        ds.fill(T::zero());
-                        // SAFETY: every view is [L, dh] inside this sequence's buffers or [L, L]
-                        // scratch; dq, dk and dv are disjoint slots of this sequence's gradient.
-                        unsafe {
-                            gemm_add((l, dh, l), dv, p_.t(), g, T::one(), 1);
-                            gemm_add((l, l, dh), Mat::rows_mut(&mut ds, l), g, v.t(), T::one(), 1);
-                        }
-                        for ((ds, p), dbias) in
-                            ds.chunks_mut(l).zip(p.chunks(l)).zip(dbias[hb].chunks_mut(l))
-                        {
-                            let dot =
-                                ds.iter().zip(p).fold(T::zero(), |acc, (&dp, &p)| acc + dp * p);
-                            for ((ds, &p), db) in ds.iter_mut().zip(p).zip(dbias) {
-                                *ds = p * (*ds - dot);
-                                *db += *ds;
+                    {
+                        let mut dbias = vec![T::zero(); bias.len()];
+                        let (mut p, mut ds) = (vec![T::zero(); l * l], vec![T::zero(); l * l]);
+                        for h in 0..heads {
+                            let [q, k, v] = head_views(qkv, d, dh, h);
+                            let hb = h * l * l..(h + 1) * l * l;
+                            attention_weights(l, dh, q, k, &bias[hb.clone()], &mut p);
+                            let g = Mat { ptr: g[h * dh..].as_ptr(), rs: d, cs: 1 };
+                            let base = dqkv.as_mut_ptr();
+                            let at = |part: usize| Mat {
+                                ptr: base.wrapping_add(part * d + h * dh),
+                                rs: 3 * d,
+                                cs: 1,
+                            };
+                            let (dq, dk, dv) = (at(0), at(1), at(2));
+                            let p_ = Mat::rows(&p, l);
+                            ds.fill(T::zero());
+                            // SAFETY: every view is [L, dh] inside this sequence's buffers or [L, L]
+                            // scratch; dq, dk and dv are disjoint slots of this sequence's gradient.
+                            unsafe {
+                                gemm_add((l, dh, l), dv, p_.t(), g, T::one(), 1);
+                                gemm_add(
+                                    (l, l, dh),
+                                    Mat::rows_mut(&mut ds, l),
+                                    g,
+                                    v.t(),
+                                    T::one(),
+                                    1,
+                                );
+                            }
+                            for ((ds, p), dbias) in
+                                ds.chunks_mut(l).zip(p.chunks(l)).zip(dbias[hb].chunks_mut(l))
+                            {
+                                let dot = dot(ds, p);
+                                for ((ds, &p), db) in ds.iter_mut().zip(p).zip(dbias) {
+                                    *ds = p * (*ds - dot);
+                                    *db += *ds;
+                                }
+                            }
+                            let ds_ = Mat::rows(&ds, l);
+                            unsafe {
+                                gemm_add((l, dh, l), dq, ds_, k, scale, 1);
+                                gemm_add((l, dh, l), dk, ds_.t(), q, scale, 1);
                             }
                         }
-                        let ds_ = Mat::rows(&ds, l);
-                        unsafe {
-                            gemm_add((l, dh, l), dq, ds_, k, scale, 1);
-                            gemm_add((l, dh, l), dk, ds_.t(), q, scale, 1);
-                        }
+                        dbias
                     }
-                    dbias
                 })
                 .collect::<Vec<_>>();
             for part in partial_sums {
@@ -733,8 +784,8 @@ struct LayerNorm {
 /// A row's mean and 1 / standard deviation.
 fn moments<T: Real>(x: &[T], eps: T) -> (T, T) {
     let n = T::from(x.len()).expect("a row length fits any float");
-    let mean = x.iter().fold(T::zero(), |acc, &v| acc + v) / n;
-    let var = x.iter().fold(T::zero(), |acc, &v| acc + (v - mean) * (v - mean)) / n;
+    let mean = sum(x) / n;
+    let var = reduce_lanes(x, T::zero(), |v| (v - mean) * (v - mean), |a, b| a + b) / n;
     (mean, (var + eps).sqrt().recip())
 }
 
