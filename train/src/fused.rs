@@ -1,11 +1,14 @@
-//! Fused CPU kernels with hand-written gradients for the training step's element-wise hot spots:
-//! LayerNorm, softmax, SiLU and tanh-GELU, linear layers, and the broadcast add of a bias.
+//! Fused CPU kernels with hand-written gradients for the training step's hot spots: LayerNorm,
+//! softmax, SiLU and tanh-GELU, linear layers, multi-head attention, and the broadcast add of a
+//! bias.
 //!
 //! candle's own fused LayerNorm and softmax have no backward (their gradients silently vanish,
 //! ../shared/notes/candle.md), and the same functions composed from differentiable primitives
 //! cost 6-10 single-threaded passes over memory forward and as many backward (plus a zero-filled
-//! gradient buffer per primitive). Here each is one pass forward and one backward, split by rows
-//! over rayon's pool, the one candle's matrix products run on.
+//! gradient buffer and an add per primitive: candle's backward pass accumulates every node's
+//! gradient that way). Here each is one node: one pass forward and one backward, split by rows or
+//! sequences over rayon's pool, the one candle's matrix products run on; the products inside
+//! `linear` and `attention` call the `gemm` crate candle uses, on strided views without copies.
 //!
 //! f32 for training, f64 for the finite-difference checks below.
 

@@ -411,7 +411,7 @@ impl Trainer {
             params: self.parameter_count(),
             charset: self.spec.charset.len(),
             split: [self.corpus.train.len(), self.corpus.valid.len(), self.corpus.test.len()],
-            matmul_peak_gflops: matmul_peak_gflops(1024, 3)?,
+            matmul_peak_gflops: matmul_peak_gflops(1024, 20)?,
         });
         let tokens_per_step = (self.config.batch * self.config.window) as f64;
         let (mut loss_sum, mut loss_count) = (0.0, 0u64);
@@ -444,6 +444,13 @@ impl Trainer {
     /// One optimizer step on a fresh batch (and the EMA update); returns the loss and the
     /// learning rate used. A non-finite loss or gradient stops with `Diverged`, changing nothing.
     pub fn train_step(&mut self) -> Result<(f64, f64), TrainError> {
+        // On one of rayon's workers: the step's parallel kernels then run on the thread that
+        // issues them and the pool's other worker, instead of waking the pool and putting this
+        // thread to sleep for each of them.
+        rayon::scope(|_| self.train_step_here())
+    }
+
+    fn train_step_here(&mut self) -> Result<(f64, f64), TrainError> {
         let started = Instant::now();
         let step = self.step();
         let batch = self.training_batch()?;
