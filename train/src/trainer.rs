@@ -38,6 +38,11 @@ pub enum SelfCondUnit {
     Example,
 }
 
+/// Windows per validation batch: the mean over random times t varies a lot between small sets,
+/// so the validation set must not shrink with the training batch (32: the default's batch, whose
+/// runs keep their validation set).
+pub const VALIDATION_BATCH: usize = 32;
+
 /// Everything that decides a run; saved as `train.json` so a resumed run continues the same one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -67,6 +72,7 @@ pub struct TrainConfig {
     pub seed: u64,
     pub eval_every: u64,
     pub checkpoint_every: u64,
+    /// Validation batches of `VALIDATION_BATCH` windows, whatever the training batch size.
     pub val_batches: usize,
     /// Samples drawn (with the EMA weights) at every evaluation.
     pub eval_samples: usize,
@@ -557,11 +563,12 @@ impl Trainer {
         make_batch(&self.spec, &text, &self_cond, self.dtype, &mut self.rng)
     }
 
-    /// Fixed validation batches: same windows, times, noise and conditions at every evaluation;
-    /// self-conditioned like sampling.
+    /// Fixed validation batches: same windows, times, noise and conditions at every evaluation
+    /// and for every training batch size, so runs of different batch sizes compare; self-
+    /// conditioned like sampling.
     fn validation_batches(&self) -> Result<Vec<Batch>, TrainError> {
         let mut rng = ChaCha8Rng::seed_from_u64(0x005e_ed0f_7a11);
-        let (window, batch) = (self.config.window, self.config.batch);
+        let (window, batch) = (self.config.window, VALIDATION_BATCH);
         let self_cond = vec![self.spec.self_conditioning; batch];
         (0..self.config.val_batches)
             .map(|_| {

@@ -1,5 +1,6 @@
 //! A run stopped and resumed ends bit-identical to an uninterrupted one; a diverging run stops
-//! with the step named and its last good checkpoint intact.
+//! with the step named and its last good checkpoint intact; every batch size is validated on the
+//! same windows.
 
 use chardiff_runtime::Head;
 use chardiff_train::checkpoint::Checkpoint;
@@ -81,4 +82,16 @@ fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     assert_eq!(saved_step, step - 1, "the checkpoint is the last good step");
     let resumed = Trainer::resume(dir.path(), None).unwrap();
     assert_eq!(resumed.step(), step - 1);
+}
+
+/// Runs of different batch sizes are scored on the same validation windows.
+#[test]
+fn the_validation_loss_does_not_depend_on_the_training_batch() {
+    let val_loss = |batch| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TrainConfig { batch, ..config(10) };
+        let mut trainer = Trainer::create(dir.path(), config, model()).unwrap();
+        trainer.evaluate(0.0).unwrap().val_loss
+    };
+    assert_eq!(val_loss(4), val_loss(16));
 }
