@@ -123,6 +123,11 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// `sums += v`, element by element: how partial sums over rows are gathered.
+fn add_into<T: Real>(sums: &mut [T], v: &[T]) {
+    sums.iter_mut().zip(v).for_each(|(sum, &v)| *sum += v);
+}
+
 /// Rows handed to one rayon task: ~16 K elements, enough to outweigh the task's overhead.
 fn rows_per_task(d: usize) -> usize {
     (16 * 1024 / d.max(1)).max(1)
@@ -499,7 +504,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, m) = linear_dims(x.dims(), w.dims(), &[w.dim(1)?])?;
+        let (n, m) = w.dims2()?;
         let rows = x.elem_count() / n.max(1);
         // Detached: the gradient's own arithmetic needs no graph.
         let (x2, w) = (x.detach().reshape((rows, n))?, w.detach());
@@ -569,15 +574,13 @@ impl CustomOp2 for Attention {
             let d = heads * dh;
             let mut out = vec![T::zero(); qkv.len() / 3];
             out.par_chunks_mut(l * d).zip(qkv.par_chunks(l * 3 * d)).for_each(|(out, qkv)| {
-                {
-                    let mut p = vec![T::zero(); l * l];
-                    for h in 0..heads {
-                        let [q, k, v] = head_views(qkv, d, dh, h);
-                        attention_weights(l, dh, q, k, &bias[h * l * l..(h + 1) * l * l], &mut p);
-                        let o = Mat { ptr: out[h * dh..].as_mut_ptr(), rs: d, cs: 1 };
-                        // SAFETY: o is this sequence's [L, dh] slot of head h, v an [L, dh] view.
-                        unsafe { gemm_add((l, dh, l), o, Mat::rows(&p, l), v, T::one(), 1) };
-                    }
+                let mut p = vec![T::zero(); l * l];
+                for h in 0..heads {
+                    let [q, k, v] = head_views(qkv, d, dh, h);
+                    attention_weights(l, dh, q, k, &bias[h * l * l..(h + 1) * l * l], &mut p);
+                    let o = Mat { ptr: out[h * dh..].as_mut_ptr(), rs: d, cs: 1 };
+                    // SAFETY: o is this sequence's [L, dh] slot of head h, v an [L, dh] view.
+                    unsafe { gemm_add((l, dh, l), o, Mat::rows(&p, l), v, T::one(), 1) };
                 }
             });
             Ok(T::to_cpu_storage_owned(out))
@@ -640,58 +643,47 @@ impl CustomOp3 for AttentionGrad {
                 .par_chunks_mut(l * 3 * d)
                 .zip(qkv.par_chunks(l * 3 * d).zip(g.par_chunks(l * d)))
                 .map(|(dqkv, (qkv, g))| {
-                    {
-                        let mut dbias = vec![T::zero(); bias.len()];
-                        let (mut p, mut ds) = (vec![T::zero(); l * l], vec![T::zero(); l * l]);
-                        for h in 0..heads {
-                            let [q, k, v] = head_views(qkv, d, dh, h);
-                            let hb = h * l * l..(h + 1) * l * l;
-                            attention_weights(l, dh, q, k, &bias[hb.clone()], &mut p);
-                            let g = Mat { ptr: g[h * dh..].as_ptr(), rs: d, cs: 1 };
-                            let base = dqkv.as_mut_ptr();
-                            let at = |part: usize| Mat {
-                                ptr: base.wrapping_add(part * d + h * dh),
-                                rs: 3 * d,
-                                cs: 1,
-                            };
-                            let (dq, dk, dv) = (at(0), at(1), at(2));
-                            let p_ = Mat::rows(&p, l);
-                            ds.fill(T::zero());
-                            // SAFETY: every view is [L, dh] inside this sequence's buffers or [L, L]
-                            // scratch; dq, dk and dv are disjoint slots of this sequence's gradient.
-                            unsafe {
-                                gemm_add((l, dh, l), dv, p_.t(), g, T::one(), 1);
-                                gemm_add(
-                                    (l, l, dh),
-                                    Mat::rows_mut(&mut ds, l),
-                                    g,
-                                    v.t(),
-                                    T::one(),
-                                    1,
-                                );
-                            }
-                            for ((ds, p), dbias) in
-                                ds.chunks_mut(l).zip(p.chunks(l)).zip(dbias[hb].chunks_mut(l))
-                            {
-                                let dot = dot(ds, p);
-                                for ((ds, &p), db) in ds.iter_mut().zip(p).zip(dbias) {
-                                    *ds = p * (*ds - dot);
-                                    *db += *ds;
-                                }
-                            }
-                            let ds_ = Mat::rows(&ds, l);
-                            unsafe {
-                                gemm_add((l, dh, l), dq, ds_, k, scale, 1);
-                                gemm_add((l, dh, l), dk, ds_.t(), q, scale, 1);
+                    let mut dbias = vec![T::zero(); bias.len()];
+                    let (mut p, mut ds) = (vec![T::zero(); l * l], vec![T::zero(); l * l]);
+                    for h in 0..heads {
+                        let [q, k, v] = head_views(qkv, d, dh, h);
+                        let hb = h * l * l..(h + 1) * l * l;
+                        attention_weights(l, dh, q, k, &bias[hb.clone()], &mut p);
+                        let g = Mat { ptr: g[h * dh..].as_ptr(), rs: d, cs: 1 };
+                        let base = dqkv.as_mut_ptr();
+                        let at = |part: usize| Mat {
+                            ptr: base.wrapping_add(part * d + h * dh),
+                            rs: 3 * d,
+                            cs: 1,
+                        };
+                        let (dq, dk, dv) = (at(0), at(1), at(2));
+                        let p_ = Mat::rows(&p, l);
+                        ds.fill(T::zero());
+                        // SAFETY: every view is [L, dh] inside this sequence's buffers or [L, L]
+                        // scratch; dq, dk and dv are disjoint slots of this sequence's gradient.
+                        unsafe {
+                            gemm_add((l, dh, l), dv, p_.t(), g, T::one(), 1);
+                            gemm_add((l, l, dh), Mat::rows_mut(&mut ds, l), g, v.t(), T::one(), 1);
+                        }
+                        for ((ds, p), dbias) in
+                            ds.chunks_mut(l).zip(p.chunks(l)).zip(dbias[hb].chunks_mut(l))
+                        {
+                            let dot = dot(ds, p);
+                            for ((ds, &p), db) in ds.iter_mut().zip(p).zip(dbias) {
+                                *ds = p * (*ds - dot);
+                                *db += *ds;
                             }
                         }
-                        dbias
+                        let ds_ = Mat::rows(&ds, l);
+                        unsafe {
+                            gemm_add((l, dh, l), dq, ds_, k, scale, 1);
+                            gemm_add((l, dh, l), dk, ds_.t(), q, scale, 1);
+                        }
                     }
+                    dbias
                 })
                 .collect::<Vec<_>>();
-            for part in partial_sums {
-                dbias.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
-            }
+            partial_sums.iter().for_each(|part| add_into(dbias, part));
             Ok(T::to_cpu_storage_owned(packed))
         }
         let (_, l, dh) = attention_dims(self.heads, ql.dims(), bl.dims())?;
@@ -761,16 +753,12 @@ impl CustomOp1 for SumRows {
                 .par_chunks(n * rows_per_task(n))
                 .map(|rows| {
                     let mut sums = vec![T::zero(); n];
-                    for row in rows.chunks(n) {
-                        sums.iter_mut().zip(row).for_each(|(sum, &v)| *sum += v);
-                    }
+                    rows.chunks(n).for_each(|row| add_into(&mut sums, row));
                     sums
                 })
                 .collect::<Vec<_>>();
             let mut sums = vec![T::zero(); n];
-            for part in partial_sums {
-                sums.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
-            }
+            partial_sums.iter().for_each(|part| add_into(&mut sums, part));
             Ok(T::to_cpu_storage_owned(sums))
         }
         if self.n == 0 || !l.shape().elem_count().is_multiple_of(self.n) {
@@ -904,9 +892,7 @@ impl CustomOp3 for LayerNormGrad {
                             mean_gwx += g * w * xhat;
                             *dwb += g * xhat;
                         }
-                        for (db, &g) in dwb[d..].iter_mut().zip(g) {
-                            *db += g;
-                        }
+                        add_into(&mut dwb[d..], g);
                         let (mean_gw, mean_gwx) = (mean_gw / n, mean_gwx / n);
                         for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
                             let xhat = (x - mean) * rstd;
@@ -916,9 +902,7 @@ impl CustomOp3 for LayerNormGrad {
                     dwb
                 })
                 .collect::<Vec<_>>();
-            for part in partial_sums {
-                dwb.iter_mut().zip(part).for_each(|(sum, v)| *sum += v);
-            }
+            partial_sums.iter().for_each(|part| add_into(dwb, part));
             Ok(T::to_cpu_storage_owned(packed))
         }
         let storage =
