@@ -98,6 +98,9 @@ enum Command {
         /// Asymmetric time delta the file recommends [default: the run's --sample-td].
         #[arg(long)]
         td: Option<f32>,
+        /// Step rule the file recommends, ddim or ddpm [default: ddim].
+        #[arg(long, value_parser = enum_arg::<StepRule>)]
+        sampler: Option<StepRule>,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -135,9 +138,9 @@ struct SamplingFlags {
     /// Asymmetric time delta in steps [default: the model's recommendation].
     #[arg(long)]
     td: Option<f32>,
-    /// Step rule: ddim or ddpm.
-    #[arg(long, default_value = "ddim", value_parser = enum_arg::<StepRule>)]
-    sampler: StepRule,
+    /// Step rule, ddim or ddpm [default: the model's recommendation].
+    #[arg(long, value_parser = enum_arg::<StepRule>)]
+    sampler: Option<StepRule>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
@@ -278,7 +281,7 @@ impl SamplingFlags {
         SamplerConfig {
             steps: self.steps.unwrap_or(spec.recommended_steps),
             td: self.td.unwrap_or(spec.recommended_td),
-            rule: self.sampler,
+            rule: self.sampler.unwrap_or(spec.recommended_sampler),
             seed: self.seed,
         }
     }
@@ -327,12 +330,13 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out, format, precision, calibration, steps, td } => {
+        Command::Export { run, out, format, precision, calibration, steps, td, sampler } => {
             let options = chardiff_export::Options {
                 format,
                 precision,
                 recommended_steps: steps,
                 recommended_td: td,
+                recommended_sampler: sampler,
                 calibration,
             };
             export(run, out, options)
@@ -733,10 +737,7 @@ mod eval {
                     sample(&mut net, &config, args.n, None, |i, _| bar.set_position(i as u64))?;
                 bar.finish_and_clear();
                 let name = net.spec().provenance.corpus.clone();
-                (
-                    texts,
-                    format!("model trained on {name}, {} steps, td {}", config.steps, config.td),
-                )
+                (texts, format!("model trained on {name}, {config}"))
             }
         };
         anyhow::ensure!(!samples.is_empty(), "there are no samples to evaluate");
@@ -806,10 +807,10 @@ mod eval {
         bar.finish_and_clear();
         let q = seam_quality(&texts, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "quality": q });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "quality": q });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
-            println!("{mode}: {} samples, {} steps, td {}", texts.len(), config.steps, config.td);
+            println!("{mode}: {} samples, {config}", texts.len());
             println!(
                 "generated words {:.1}% of {} (mean length {:.1}; weighted by length {:.1}%)   \
                  boundary words {:.1}% of {} (mean length {:.1})   \

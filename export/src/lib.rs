@@ -9,6 +9,7 @@ pub mod quantize;
 pub use denoiser::{denoiser_graph, ExportError};
 
 use chardiff_runtime::corpus::{read_text, Corpus, CorpusError};
+use chardiff_runtime::sampler::StepRule;
 use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
 use chardiff_runtime::Precision;
 use chardiff_train::calibrate::{calibrate, ActivationRanges, CalibrationError, CALIBRATION_FILE};
@@ -48,10 +49,11 @@ pub struct Summary {
 pub struct Options {
     pub format: Format,
     pub precision: Precision,
-    /// Sampling steps and td the file recommends, when measured after training (`chardiff
-    /// eval`) rather than the run's settings.
+    /// Sampling steps, td and step rule the file recommends, when measured after training
+    /// (`chardiff eval`) rather than the run's settings.
     pub recommended_steps: Option<usize>,
     pub recommended_td: Option<f32>,
+    pub recommended_sampler: Option<StepRule>,
     /// int8: the text whose windows calibrate the activation scales [default: the run's
     /// calibration.txt, else its training corpus], preprocessed as the run's corpus was.
     pub calibration: Option<PathBuf>,
@@ -64,6 +66,7 @@ impl Default for Options {
             precision: Precision::F32,
             recommended_steps: None,
             recommended_td: None,
+            recommended_sampler: None,
             calibration: None,
         }
     }
@@ -75,6 +78,7 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
     let spec = &mut model.spec;
     spec.recommended_steps = options.recommended_steps.unwrap_or(spec.recommended_steps);
     spec.recommended_td = options.recommended_td.unwrap_or(spec.recommended_td);
+    spec.recommended_sampler = options.recommended_sampler.unwrap_or(spec.recommended_sampler);
     spec.validate().map_err(|e| Error::Export(ExportError::Spec(e)))?;
     let ranges = match options.precision {
         Precision::Int8 => Some(calibrate(&model, &calibration_text(dir, &options)?)?),

@@ -8,10 +8,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepRule {
     /// Deterministic given the initial noise.
+    #[default]
     Ddim,
     /// Ancestral: fresh noise at every step.
     Ddpm,
@@ -24,6 +25,17 @@ pub struct SamplerConfig {
     pub td: f32,
     pub rule: StepRule,
     pub seed: u64,
+}
+
+/// "50 ddim steps, td 1", for reports.
+impl std::fmt::Display for SamplerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rule = match self.rule {
+            StepRule::Ddim => "ddim",
+            StepRule::Ddpm => "ddpm",
+        };
+        write!(f, "{} {rule} steps, td {}", self.steps, self.td)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

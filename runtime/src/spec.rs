@@ -2,6 +2,7 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
+use crate::sampler::StepRule;
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,9 @@ pub struct ModelSpec {
     pub recommended_steps: usize,
     /// Asymmetric time delta, in sampling steps.
     pub recommended_td: f32,
+    /// The step rule to sample with (files from before this field: ddim).
+    #[serde(default)]
+    pub recommended_sampler: StepRule,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
@@ -178,6 +182,7 @@ pub(crate) mod tests {
             head: Head::Softmax,
             recommended_steps: 100,
             recommended_td: 1.0,
+            recommended_sampler: StepRule::Ddpm,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -196,6 +201,10 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
+        // Files from before the step rule was recorded sample with DDIM.
+        let older = meta.iter().filter(|(k, _)| !k.ends_with("recommended_sampler"));
+        let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(back.recommended_sampler, StepRule::Ddim);
     }
 
     #[test]

@@ -269,6 +269,7 @@ impl Trainer {
             head: config.head,
             recommended_steps: config.sample_steps,
             recommended_td: config.sample_td,
+            recommended_sampler: StepRule::Ddim,
             provenance: Provenance {
                 corpus: corpus.name.clone(),
                 corpus_sha256: corpus.sha256.clone(),
@@ -488,7 +489,7 @@ impl Trainer {
             let sampler = SamplerConfig {
                 steps: self.config.sample_steps,
                 td: self.config.sample_td,
-                rule: StepRule::Ddim,
+                rule: self.spec.recommended_sampler,
                 seed: 0,
             };
             let mut net = self.denoiser();

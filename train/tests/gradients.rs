@@ -2,6 +2,7 @@
 //! whose gradients silently vanish, so "has a gradient" is not enough: the values must match.
 
 use candle_core::{DType, Device, Tensor};
+use chardiff_runtime::sampler::StepRule;
 use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use chardiff_train::candle::{CandleOps, Params};
@@ -23,6 +24,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
         head,
         recommended_steps: 10,
         recommended_td: 0.0,
+        recommended_sampler: StepRule::Ddim,
         provenance: Provenance {
             corpus: String::new(),
             corpus_sha256: String::new(),

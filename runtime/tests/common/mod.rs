@@ -18,6 +18,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
         head,
         recommended_steps: 50,
         recommended_td: 1.0,
+        recommended_sampler: StepRule::Ddim,
         provenance: Provenance {
             corpus: "test".into(),
             corpus_sha256: String::new(),
