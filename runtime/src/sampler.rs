@@ -27,14 +27,18 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+/// Its name in files and on the command line (the serde name).
+impl std::fmt::Display for StepRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(name.as_str().ok_or(std::fmt::Error)?)
+    }
+}
+
 /// "50 ddim steps, td 1", for reports.
 impl std::fmt::Display for SamplerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rule = match self.rule {
-            StepRule::Ddim => "ddim",
-            StepRule::Ddpm => "ddpm",
-        };
-        write!(f, "{} {rule} steps, td {}", self.steps, self.td)
+        write!(f, "{} {} steps, td {}", self.steps, self.rule, self.td)
     }
 }
 
