@@ -157,6 +157,8 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0} already holds a training run: resume it with --resume, or choose another --out")]
     Exists(PathBuf),
+    #[error("another `chardiff train` is working in {0}: stop it first (a run started in the background with nohup ignores Ctrl-C and SIGINT; SIGTERM stops it, and --resume continues from its last checkpoint)")]
+    Busy(PathBuf),
     #[error("training diverged at step {step}: {what}. The last good checkpoint is kept; lower --lr or raise --warmup and resume")]
     Diverged { step: u64, what: String },
     #[error("candle: {0}")]
@@ -233,6 +235,8 @@ pub struct Trainer {
     /// Words of the train split, for the samples' word rate.
     vocabulary: HashSet<String>,
     seconds: f64,
+    /// Held while this trainer works in `dir` (`lock_run`).
+    _lock: std::fs::File,
 }
 
 impl Trainer {
@@ -281,8 +285,7 @@ impl Trainer {
         let params = Params::initialized(config.seed, dtype, &model, &spec)?;
         let optim = AdamW::new(adam_config(&config), &params)?;
         let ema = Ema::new(config.ema_decay, &params)?;
-        std::fs::create_dir_all(dir)
-            .map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
+        let lock = lock_run(dir)?;
         checkpoint::write_json(&dir.join(checkpoint::MODEL_FILE), &model)?;
         checkpoint::write_json(&dir.join(checkpoint::TRAIN_FILE), &config)?;
         let calibration = dir.join(crate::calibrate::CALIBRATION_FILE);
@@ -303,6 +306,7 @@ impl Trainer {
             ema,
             rng,
             seconds: 0.0,
+            _lock: lock,
         };
         trainer.val = trainer.validation_batches()?;
         trainer.vocabulary = vocabulary(&String::from_utf8_lossy(&trainer.corpus.train));
@@ -315,6 +319,7 @@ impl Trainer {
         let mut config: TrainConfig = checkpoint::read_json(dir, checkpoint::TRAIN_FILE)?;
         let model: ModelConfig = checkpoint::read_json(dir, checkpoint::MODEL_FILE)?;
         let spec: ModelSpec = checkpoint::read_json(dir, checkpoint::SPEC_FILE)?;
+        let lock = lock_run(dir)?;
         let rescheduled = steps.is_some_and(|steps| steps != config.steps);
         if let Some(steps) = steps {
             config.steps = steps;
@@ -360,6 +365,7 @@ impl Trainer {
             ema,
             rng,
             seconds,
+            _lock: lock,
         };
         trainer.val = trainer.validation_batches()?;
         trainer.vocabulary = vocabulary(&String::from_utf8_lossy(&trainer.corpus.train));
@@ -721,6 +727,32 @@ pub fn known_positions(l: usize, rng: &mut impl Rng) -> Vec<u8> {
     }
     known
 }
+
+/// Creates `dir` and takes its lock file, so that a second trainer in the same run (a resume
+/// started while the run still goes) is refused instead of interleaving checkpoints. An OS file
+/// lock: it goes with the process, however the process ends, so a killed run leaves none behind.
+fn lock_run(dir: &Path) -> Result<std::fs::File, TrainError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CheckpointError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::Busy(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(source)) => Err(io(&path)(source).into()),
+    }
+}
+
+/// The run directory's lock file (`lock_run`).
+pub const LOCK_FILE: &str = "train.lock";
 
 /// Today's date (UTC), YYYY-MM-DD, for provenance.
 fn today() -> String {

@@ -64,6 +64,19 @@ fn stopping_and_resuming_is_bit_identical_to_an_uninterrupted_run() {
 }
 
 #[test]
+fn a_second_trainer_in_the_same_run_is_refused_while_the_first_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Trainer::create(dir.path(), config(23), model()).unwrap();
+    first.run_until(3, |_| {}).unwrap();
+    let err = Trainer::resume(dir.path(), Some(30)).err().expect("refused while the first runs");
+    assert!(err.to_string().contains("another `chardiff train`"), "{err}");
+    let settings = std::fs::read_to_string(dir.path().join("train.json")).unwrap();
+    assert!(settings.contains("\"steps\": 23"), "nothing rewritten: {settings}");
+    drop(first);
+    assert_eq!(Trainer::resume(dir.path(), None).unwrap().step(), 3);
+}
+
+#[test]
 fn divergence_names_the_step_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let wild = TrainConfig {
