@@ -16,6 +16,8 @@ pub const MODEL_FILE: &str = "model.json";
 pub const TRAIN_FILE: &str = "train.json";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Held by the trainer working in a run (`Trainer` refuses a second one).
+pub const LOCK_FILE: &str = "train.lock";
 
 /// Tensor-name prefixes inside the checkpoint file.
 pub const PARAMS: &str = "params/";

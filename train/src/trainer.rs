@@ -737,7 +737,7 @@ fn lock_run(dir: &Path) -> Result<std::fs::File, TrainError> {
         move |source| CheckpointError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let path = dir.join(LOCK_FILE);
+    let path = dir.join(checkpoint::LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -750,9 +750,6 @@ fn lock_run(dir: &Path) -> Result<std::fs::File, TrainError> {
         Err(std::fs::TryLockError::Error(source)) => Err(io(&path)(source).into()),
     }
 }
-
-/// The run directory's lock file (`lock_run`).
-pub const LOCK_FILE: &str = "train.lock";
 
 /// Today's date (UTC), YYYY-MM-DD, for provenance.
 fn today() -> String {

@@ -1,6 +1,6 @@
 //! A run stopped and resumed ends bit-identical to an uninterrupted one; a diverging run stops
-//! with the step named and its last good checkpoint intact; every batch size is validated on the
-//! same windows.
+//! with the step named and its last good checkpoint intact; a second trainer in a working run is
+//! refused; every batch size is validated on the same windows.
 
 use chardiff_runtime::Head;
 use chardiff_train::checkpoint::Checkpoint;
