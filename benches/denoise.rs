@@ -53,7 +53,7 @@ fn step(c: &mut Criterion) {
 
 fn full_sample(c: &mut Criterion) {
     let mut net = model("default.onnx");
-    let config = SamplerConfig { steps: 50, td: 1.0, rule: StepRule::Ddim, seed: 0 };
+    let config = SamplerConfig::new(50, 1.0, StepRule::Ddim, 0);
     let mut group = c.benchmark_group("sample_50_steps");
     group.sample_size(10);
     for batch in [1usize, 8] {

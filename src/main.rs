@@ -101,6 +101,10 @@ enum Command {
         /// Step rule the file recommends, ddim or ddpm [default: ddim].
         #[arg(long, value_parser = enum_arg::<StepRule>)]
         sampler: Option<StepRule>,
+        /// Classifier-free guidance the file recommends for prompts and infills [default: 1,
+        /// plain conditioning].
+        #[arg(long)]
+        guidance: Option<f32>,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -141,6 +145,11 @@ struct SamplingFlags {
     /// Step rule, ddim or ddpm [default: the model's recommendation].
     #[arg(long, value_parser = enum_arg::<StepRule>)]
     sampler: Option<StepRule>,
+    /// Classifier-free guidance for prompts, infills and --length on a model trained with
+    /// conditioning: 1 is plain conditioning, above 1 leans harder on the known text for a
+    /// second pass of the network per step [default: the model's recommendation].
+    #[arg(long)]
+    guidance: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
@@ -258,12 +267,14 @@ impl SamplingFlags {
         }
     }
 
-    /// The model, with its plan prepared for `batch` sequences per call (which, with
-    /// `--device auto`, decides the device), and the sampler's settings.
-    fn load(&self, batch: usize) -> Result<(TractDenoiser, SamplerConfig)> {
+    /// The model, with its plan prepared for `n` sequences (which, with `--device auto`,
+    /// decides the device), and the sampler's settings for `n` free or `Conditional` samples.
+    fn load(&self, n: usize, conditional: bool) -> Result<(TractDenoiser, SamplerConfig)> {
         let mut net = self.load_on(self.device)?;
-        self.prepare(&mut net, batch)?;
-        let config = self.sampler_config(net.spec());
+        let config = self.sampler_config(net.spec(), conditional);
+        // Guidance runs the batch twice per call, with and without its condition.
+        let per_call = if config.guidance == 1.0 { n } else { 2 * n };
+        self.prepare(&mut net, per_call)?;
         Ok((net, config))
     }
 
@@ -277,12 +288,15 @@ impl SamplingFlags {
         Ok(())
     }
 
-    fn sampler_config(&self, spec: &ModelSpec) -> SamplerConfig {
+    /// Guidance only steers samples with something known: free samples report plain settings.
+    fn sampler_config(&self, spec: &ModelSpec, conditional: bool) -> SamplerConfig {
+        let guidance = self.guidance.unwrap_or(spec.recommended_guidance);
         SamplerConfig {
             steps: self.steps.unwrap_or(spec.recommended_steps),
             td: self.td.unwrap_or(spec.recommended_td),
             rule: self.sampler.unwrap_or(spec.recommended_sampler),
             seed: self.seed,
+            guidance: if conditional { guidance } else { 1.0 },
         }
     }
 }
@@ -330,13 +344,24 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export { run, out, format, precision, calibration, steps, td, sampler } => {
+        Command::Export {
+            run,
+            out,
+            format,
+            precision,
+            calibration,
+            steps,
+            td,
+            sampler,
+            guidance,
+        } => {
             let options = chardiff_export::Options {
                 format,
                 precision,
                 recommended_steps: steps,
                 recommended_td: td,
                 recommended_sampler: sampler,
+                recommended_guidance: guidance,
                 calibration,
             };
             export(run, out, options)
@@ -369,9 +394,9 @@ fn main() {
 }
 
 fn run_sample(args: SampleArgs) -> Result<()> {
-    let (mut net, config) = args.sampling.load(args.n)?;
-    let spec = net.spec().clone();
     let conditional = args.prompt.is_some() || args.infill.is_some();
+    let (mut net, config) = args.sampling.load(args.n, conditional || args.length.is_some())?;
+    let spec = net.spec().clone();
     if conditional && ConditioningMethod::for_spec(&spec) == ConditioningMethod::Replacement {
         eprintln!(
             "note: this model was trained without conditioning; known characters are imposed by \
@@ -463,7 +488,7 @@ mod bench {
     /// The --device plan against the CPU plan of the same file.
     pub fn parity(args: ParityArgs) -> Result<()> {
         let first = args.batch.first().copied().unwrap_or(1);
-        let (mut device, config) = args.sampling.load(first)?;
+        let (mut device, config) = args.sampling.load(first, false)?;
         let mut cpu = args.sampling.open_on(Device::Cpu)?;
         println!("device plan: {:?}", device.device());
         for (op, n) in device.plan_ops() {
@@ -545,7 +570,7 @@ mod bench {
         arithmetic: &Arithmetic,
         mut prepare: impl FnMut(&mut D, usize) -> Result<Option<f64>>,
     ) -> Result<Vec<Row>> {
-        let config = args.sampling.sampler_config(net.spec());
+        let config = args.sampling.sampler_config(net.spec(), false);
         let window = net.spec().window;
         let mut rows = Vec::new();
         for &batch in &args.batch {
@@ -616,7 +641,7 @@ mod bench {
             parallelism: net.threads().1,
             load_ms,
             ort_load_ms,
-            steps: args.sampling.sampler_config(net.spec()).steps,
+            steps: args.sampling.sampler_config(net.spec(), false).steps,
             flops_per_sequence: arithmetic.flops_per_sequence,
             gemm_peak_gflops,
             rows,
@@ -731,7 +756,7 @@ mod eval {
                 (lines, format!("{}", path.display()))
             }
             None => {
-                let (mut net, config) = args.sampling.load(args.n)?;
+                let (mut net, config) = args.sampling.load(args.n, false)?;
                 let bar = progress_bar(config.steps as u64, "sampling");
                 let texts =
                     sample(&mut net, &config, args.n, None, |i, _| bar.set_position(i as u64))?;
@@ -764,7 +789,7 @@ mod eval {
 
     /// Word rates of generated spans and of the words straddling their boundaries.
     fn seams(args: &EvalArgs, mode: &str) -> Result<()> {
-        let (mut net, config) = args.sampling.load(args.n)?;
+        let (mut net, config) = args.sampling.load(args.n, true)?;
         let spec = net.spec().clone();
         let (window, half) = (spec.window, spec.window / 2);
         let corpus = Corpus::load(&args.corpus, args.preprocess, window)
@@ -806,15 +831,23 @@ mod eval {
         };
         bar.finish_and_clear();
         let q = seam_quality(&texts, &vocab);
+        // The validation windows themselves, known where the samples were: real text's figures.
+        let real: Vec<(Vec<u8>, Vec<u8>)> = windows
+            .iter()
+            .zip(&texts)
+            .map(|(w, (_, origins))| (w.to_vec(), origins[..w.len()].to_vec()))
+            .collect();
+        let real = seam_quality(&real, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "quality": q });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "quality": q, "validation_windows": real });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             println!("{mode}: {} samples, {config}", texts.len());
             println!(
                 "generated words {:.1}% of {} (mean length {:.1}; weighted by length {:.1}%)   \
                  boundary words {:.1}% of {} (mean length {:.1})   \
-                 generated words beside a boundary {:.1}% of {}",
+                 generated words beside a boundary {:.1}% of {}   \
+                 generated characters' entropy {:.3} bits",
                 100.0 * q.generated_word_rate,
                 q.generated_words,
                 q.generated_mean_length,
@@ -823,7 +856,14 @@ mod eval {
                 q.boundary_words,
                 q.boundary_mean_length,
                 100.0 * q.adjacent_word_rate,
-                q.adjacent_words
+                q.adjacent_words,
+                q.generated_char_entropy
+            );
+            println!(
+                "validation windows, same known positions: generated-position words {:.1}%, \
+                 entropy {:.3} bits",
+                100.0 * real.generated_word_rate,
+                real.generated_char_entropy
             );
         }
         Ok(())

@@ -134,16 +134,21 @@ fn train_export_sample_and_resume_through_the_cli() {
 
     // Sampling settings measured after training become the file's recommendation.
     let tuned = dir.path().join("tuned.onnx");
-    let tune = ["--steps", "7", "--td", "0", "--sampler", "ddpm"];
+    let tune = ["--steps", "7", "--td", "0", "--sampler", "ddpm", "--guidance", "2"];
     let out = chardiff(&[&["export", s(&run), "--out", s(&tuned)][..], &tune].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bench = chardiff(&["bench", "--model", s(&tuned), "--batch", "1", "--no-full", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
     assert_eq!(report["steps"], 7);
-    let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2"]);
-    let explicit = chardiff(&[&["sample", "--model", s(&model), "-n", "2"][..], &tune].concat());
+    let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2", "--prompt", "the"]);
+    let explicit = chardiff(
+        &[&["sample", "--model", s(&model), "-n", "2", "--prompt", "the"][..], &tune].concat(),
+    );
     assert!(recommended.status.success(), "{}", String::from_utf8_lossy(&recommended.stderr));
-    assert_eq!(recommended.stdout, explicit.stdout, "the file's steps, td and step rule are used");
+    assert_eq!(
+        recommended.stdout, explicit.stdout,
+        "the file's steps, td, step rule and guidance are used"
+    );
     fails_with(
         &["export", s(&run), "--out", s(&tuned), "--steps", "0"],
         "recommended steps must be > 0",

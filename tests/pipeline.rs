@@ -161,7 +161,7 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
     let mut tract =
         TractDenoiser::from_bytes(&to_onnx_bytes(&model, Precision::F32, None).unwrap()).unwrap();
     let mut candle = model.denoiser();
-    let config = SamplerConfig { steps: 20, td: 1.0, rule: StepRule::Ddim, seed: 42 };
+    let config = SamplerConfig::new(20, 1.0, StepRule::Ddim, 42);
     let a = sample(&mut candle, &config, 3, None, |_, _| {}).unwrap();
     let b = sample(&mut tract, &config, 3, None, |_, _| {}).unwrap();
     assert_eq!(a, b);
@@ -181,7 +181,7 @@ fn threads_change_the_speed_not_the_text() {
     let model = clone_model(&trained().model);
     let file = to_onnx_bytes(&model, Precision::F32, None).unwrap();
     let mut one = TractDenoiser::from_bytes(&file).unwrap();
-    let config = SamplerConfig { steps: 10, td: 1.0, rule: StepRule::Ddpm, seed: 7 };
+    let config = SamplerConfig::new(10, 1.0, StepRule::Ddpm, 7);
     let reference = sample(&mut one, &config, 5, None, |_, _| {}).unwrap();
     for (threads, parallelism) in [
         (2, Parallelism::Batch),

@@ -49,11 +49,12 @@ pub struct Summary {
 pub struct Options {
     pub format: Format,
     pub precision: Precision,
-    /// Sampling steps, td and step rule the file recommends, when measured after training
+    /// Sampling steps, td, step rule and guidance the file recommends, when measured after training
     /// (`chardiff eval`) rather than the run's settings.
     pub recommended_steps: Option<usize>,
     pub recommended_td: Option<f32>,
     pub recommended_sampler: Option<StepRule>,
+    pub recommended_guidance: Option<f32>,
     /// int8: the text whose windows calibrate the activation scales [default: the run's
     /// calibration.txt, else its training corpus], preprocessed as the run's corpus was.
     pub calibration: Option<PathBuf>,
@@ -67,6 +68,7 @@ impl Default for Options {
             recommended_steps: None,
             recommended_td: None,
             recommended_sampler: None,
+            recommended_guidance: None,
             calibration: None,
         }
     }
@@ -79,6 +81,7 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
     spec.recommended_steps = options.recommended_steps.unwrap_or(spec.recommended_steps);
     spec.recommended_td = options.recommended_td.unwrap_or(spec.recommended_td);
     spec.recommended_sampler = options.recommended_sampler.unwrap_or(spec.recommended_sampler);
+    spec.recommended_guidance = options.recommended_guidance.unwrap_or(spec.recommended_guidance);
     spec.validate().map_err(|e| Error::Export(ExportError::Spec(e)))?;
     let ranges = match options.precision {
         Precision::Int8 => Some(calibrate(&model, &calibration_text(dir, &options)?)?),

@@ -25,6 +25,17 @@ pub struct SamplerConfig {
     pub td: f32,
     pub rule: StepRule,
     pub seed: u64,
+    /// Classifier-free guidance weight for models trained with conditioning: each step's x0 is
+    /// x0(uncond) + w (x0(cond) - x0(uncond)). 1 is plain conditioning; above 1 costs a second
+    /// pass of the network per step (batched with the first) and leans harder on the known text.
+    pub guidance: f32,
+}
+
+impl SamplerConfig {
+    /// Plain conditioning (guidance 1).
+    pub fn new(steps: usize, td: f32, rule: StepRule, seed: u64) -> SamplerConfig {
+        SamplerConfig { steps, td, rule, seed, guidance: 1.0 }
+    }
 }
 
 /// Its name in files and on the command line (the serde name).
@@ -38,7 +49,11 @@ impl std::fmt::Display for StepRule {
 /// "50 ddim steps, td 1", for reports.
 impl std::fmt::Display for SamplerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} steps, td {}", self.steps, self.rule, self.td)
+        write!(f, "{} {} steps, td {}", self.steps, self.rule, self.td)?;
+        if self.guidance != 1.0 {
+            write!(f, ", guidance {}", self.guidance)?;
+        }
+        Ok(())
     }
 }
 
@@ -96,6 +111,11 @@ pub fn sample<D: Denoiser + ?Sized>(
         _ => known,
     }
     .map(|k| KnownBits::new(&spec, k));
+    // Guidance needs something known: with nothing known both passes would be the same.
+    let mut guidance = known
+        .as_ref()
+        .filter(|k| config.guidance != 1.0 && method == ConditioningMethod::Trained && k.any())
+        .map(|k| Guidance::new(k, config.guidance));
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
 
     let mut x_t = gaussian(&mut rng, size);
@@ -121,7 +141,11 @@ pub fn sample<D: Denoiser + ?Sized>(
                 .filter(|_| method == ConditioningMethod::Trained)
                 .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        net.denoise(&input, &mut x0).map_err(SampleError::Denoiser)?;
+        match &mut guidance {
+            Some(guidance) => guidance.denoise(net, &input, &mut x0),
+            None => net.denoise(&input, &mut x0),
+        }
+        .map_err(SampleError::Denoiser)?;
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
@@ -178,6 +202,15 @@ fn check(
     }
     if !(config.td.is_finite() && config.td >= 0.0) {
         return Err(SampleError::Config(format!("td must be >= 0, got {}", config.td)));
+    }
+    if !(config.guidance.is_finite() && config.guidance >= 0.0) {
+        return Err(SampleError::Config(format!("guidance must be >= 0, got {}", config.guidance)));
+    }
+    if config.guidance != 1.0 && !spec.conditioning {
+        return Err(SampleError::Config(
+            "guidance needs a model trained with conditioning; this one conditions by replacement"
+                .into(),
+        ));
     }
     if n == 0 {
         return Err(SampleError::Config("the number of samples must be at least 1".into()));
@@ -236,6 +269,10 @@ impl KnownBits {
         }
     }
 
+    fn any(&self) -> bool {
+        self.known.iter().any(Option::is_some)
+    }
+
     fn restore(&self, texts: &mut [Vec<u8>]) {
         let window = self.known.len() / texts.len();
         for (text, known) in texts.iter_mut().zip(self.known.chunks_exact(window)) {
@@ -245,5 +282,65 @@ impl KnownBits {
                 }
             }
         }
+    }
+}
+
+/// Classifier-free guidance (Ho & Salimans) for a model trained with conditioning: every call runs
+/// the batch twice in one pass of the network, once with its condition and once with none, and
+/// extrapolates from the unconditional x0 toward the conditional one.
+struct Guidance {
+    weight: f32,
+    /// [2n, L, K] and [2n, L, 1]: the condition, then nothing known.
+    cond: Vec<f32>,
+    mask: Vec<f32>,
+    /// The doubled inputs and output, reused every step.
+    x_t: Vec<f32>,
+    x_self: Vec<f32>,
+    t: Vec<f32>,
+    x0: Vec<f32>,
+}
+
+impl Guidance {
+    fn new(known: &KnownBits, weight: f32) -> Guidance {
+        let then_unknown = |v: &[f32]| [v, &vec![0.0; v.len()]].concat();
+        Guidance {
+            weight,
+            cond: then_unknown(&known.bits),
+            mask: then_unknown(&known.mask),
+            x_t: vec![],
+            x_self: vec![],
+            t: vec![],
+            x0: vec![],
+        }
+    }
+
+    fn denoise<D: Denoiser + ?Sized>(
+        &mut self,
+        net: &mut D,
+        input: &DenoiseInput<'_>,
+        x0: &mut [f32],
+    ) -> Result<(), BoxError> {
+        let twice = |buf: &mut Vec<f32>, v: &[f32]| {
+            buf.clear();
+            buf.extend_from_slice(v);
+            buf.extend_from_slice(v);
+        };
+        twice(&mut self.x_t, input.x_t);
+        twice(&mut self.x_self, input.x_self);
+        twice(&mut self.t, input.t);
+        self.x0.resize(2 * x0.len(), 0.0);
+        let doubled = DenoiseInput {
+            batch: 2 * input.batch,
+            x_t: &self.x_t,
+            x_self: &self.x_self,
+            t: &self.t,
+            condition: Some(Condition { cond: &self.cond, mask: &self.mask }),
+        };
+        net.denoise(&doubled, &mut self.x0)?;
+        let (conditional, unconditional) = self.x0.split_at(x0.len());
+        for ((x, c), u) in x0.iter_mut().zip(conditional).zip(unconditional) {
+            *x = u + self.weight * (c - u);
+        }
+        Ok(())
     }
 }

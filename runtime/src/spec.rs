@@ -50,10 +50,18 @@ pub struct ModelSpec {
     /// The step rule to sample with (files from before this field: ddim).
     #[serde(default)]
     pub recommended_sampler: StepRule,
+    /// Classifier-free guidance weight for conditional sampling (files from before this field: 1,
+    /// plain conditioning).
+    #[serde(default = "plain_conditioning")]
+    pub recommended_guidance: f32,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
     pub precision: Precision,
+}
+
+fn plain_conditioning() -> f32 {
+    1.0
 }
 
 /// Storage precision of a model file's weights.
@@ -130,6 +138,12 @@ impl ModelSpec {
         {
             return invalid("recommended steps must be > 0 and td >= 0");
         }
+        if !(self.recommended_guidance.is_finite() && self.recommended_guidance >= 0.0) {
+            return invalid("recommended guidance must be >= 0");
+        }
+        if self.recommended_guidance != 1.0 && !self.conditioning {
+            return invalid("guidance needs a model trained with conditioning");
+        }
         Ok(())
     }
 
@@ -178,11 +192,12 @@ pub(crate) mod tests {
             charset: Charset::of(b"hello world"),
             schedule: Schedule::Cosine,
             self_conditioning: true,
-            conditioning: false,
+            conditioning: true,
             head: Head::Softmax,
             recommended_steps: 100,
             recommended_td: 1.0,
             recommended_sampler: StepRule::Ddpm,
+            recommended_guidance: 2.5,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -201,10 +216,24 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
-        // Files from before the step rule was recorded sample with DDIM.
-        let older = meta.iter().filter(|(k, _)| !k.ends_with("recommended_sampler"));
+        // Files from before the step rule and guidance were recorded: DDIM, plain conditioning.
+        let older = meta.iter().filter(|(k, _)| {
+            !k.ends_with("recommended_sampler") && !k.ends_with("recommended_guidance")
+        });
         let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back.recommended_sampler, StepRule::Ddim);
+        assert_eq!(back.recommended_guidance, 1.0);
+    }
+
+    #[test]
+    fn guidance_is_a_non_negative_weight_for_conditional_models_only() {
+        let guided = |conditioning, recommended_guidance| {
+            ModelSpec { conditioning, recommended_guidance, ..example_spec() }.validate()
+        };
+        assert!(guided(true, 2.5).is_ok() && guided(false, 1.0).is_ok());
+        assert!(guided(true, -1.0).is_err() && guided(true, f32::INFINITY).is_err());
+        let err = guided(false, 2.5).unwrap_err().to_string();
+        assert!(err.contains("conditioning"), "{err}");
     }
 
     #[test]

@@ -55,7 +55,7 @@ fn alphabet(window: usize) -> Cycle {
 }
 
 fn config() -> SamplerConfig {
-    SamplerConfig { steps: 4, td: 0.0, rule: StepRule::Ddim, seed: 1 }
+    SamplerConfig::new(4, 0.0, StepRule::Ddim, 1)
 }
 
 #[test]

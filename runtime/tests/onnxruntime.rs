@@ -24,7 +24,7 @@ fn onnxruntime_and_tract_agree_on_the_shipped_model() {
         eprintln!("batch {batch}: max |x0 diff| {diff:.2e}");
         assert!(diff <= 1e-4, "batch {batch}: {diff}");
     }
-    let config = SamplerConfig { steps: 20, td: 1.0, rule: StepRule::Ddim, seed: 3 };
+    let config = SamplerConfig::new(20, 1.0, StepRule::Ddim, 3);
     let a = sample(&mut tract, &config, 2, None, |_, _| {}).unwrap();
     let b = sample(&mut ort, &config, 2, None, |_, _| {}).unwrap();
     assert_eq!(a, b);

@@ -9,7 +9,7 @@ mod common;
 use common::{spec, Oracle};
 
 fn config(steps: usize, td: f32, rule: StepRule) -> SamplerConfig {
-    SamplerConfig { steps, td, rule, seed: 7 }
+    SamplerConfig::new(steps, td, rule, 7)
 }
 
 #[test]
@@ -99,4 +99,65 @@ fn progress_reports_every_step() {
     let mut calls = vec![];
     sample(&mut net, &config(4, 0.0, StepRule::Ddim), 1, None, |i, n| calls.push((i, n))).unwrap();
     assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+}
+
+/// Predicts one text for rows with something known and another for rows with nothing known;
+/// records each call's batch size and self-conditioning input.
+struct TwoMinds {
+    spec: ModelSpec,
+    known_rows: Vec<f32>,
+    free_rows: Vec<f32>,
+    calls: Vec<(usize, Vec<f32>)>,
+}
+
+impl Denoiser for TwoMinds {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        self.calls.push((input.batch, input.x_self.to_vec()));
+        let mask = input.condition.expect("a conditional model").mask;
+        let rows = x0.chunks_exact_mut(self.known_rows.len());
+        for (row, mask) in rows.zip(mask.chunks_exact(self.spec.window)) {
+            let knows = mask.contains(&1.0);
+            row.copy_from_slice(if knows { &self.known_rows } else { &self.free_rows });
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn guidance_extrapolates_from_the_unconditional_x0_in_one_doubled_call() {
+    let spec = spec(4, true, Head::Bits);
+    let (a, b) = (spec.analog_bits().encode(b"abcd"), spec.analog_bits().encode(b"abzz"));
+    let mut net = TwoMinds { spec, known_rows: a.clone(), free_rows: b.clone(), calls: vec![] };
+    let known = [Some(b'a'), None, None, None];
+    let guided = SamplerConfig { guidance: 0.5, ..config(3, 0.0, StepRule::Ddim) };
+    let out = sample(&mut net, &guided, 1, Some(&known), |_, _| {}).unwrap();
+    assert_eq!(out[0][0], b'a', "the known character comes back");
+    assert!(net.calls.iter().all(|(batch, _)| *batch == 2), "conditional and free rows together");
+    // The second call's self-conditioning input is the first step's guided x0, twice.
+    let midway: Vec<f32> = b.iter().zip(&a).map(|(u, c)| u + 0.5 * (c - u)).collect();
+    assert_eq!(net.calls[1].1, [&midway[..], &midway[..]].concat());
+
+    // Nothing known: nothing to guide by, one plain call per step.
+    net.calls.clear();
+    let out = sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
+    assert_eq!(out[0], b"abzz");
+    assert!(net.calls.iter().all(|(batch, _)| *batch == 1));
+}
+
+#[test]
+fn guidance_must_be_a_non_negative_number() {
+    let mut net = Oracle::new(spec(4, true, Head::Bits), b"abcd");
+    for guidance in [-1.0, f32::NAN] {
+        let c = SamplerConfig { guidance, ..config(5, 0.0, StepRule::Ddim) };
+        let err = sample(&mut net, &c, 1, None, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("guidance"), "{err}");
+    }
+    let mut unconditional = Oracle::new(spec(4, false, Head::Bits), b"abcd");
+    let c = SamplerConfig { guidance: 2.0, ..config(5, 0.0, StepRule::Ddim) };
+    let err = sample(&mut unconditional, &c, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("trained with conditioning"), "{err}");
 }

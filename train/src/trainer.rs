@@ -274,6 +274,7 @@ impl Trainer {
             recommended_steps: config.sample_steps,
             recommended_td: config.sample_td,
             recommended_sampler: StepRule::Ddim,
+            recommended_guidance: 1.0,
             provenance: Provenance {
                 corpus: corpus.name.clone(),
                 corpus_sha256: corpus.sha256.clone(),
@@ -492,12 +493,12 @@ impl Trainer {
         }
         let mut samples = vec![];
         if self.config.eval_samples > 0 {
-            let sampler = SamplerConfig {
-                steps: self.config.sample_steps,
-                td: self.config.sample_td,
-                rule: self.spec.recommended_sampler,
-                seed: 0,
-            };
+            let sampler = SamplerConfig::new(
+                self.config.sample_steps,
+                self.config.sample_td,
+                self.spec.recommended_sampler,
+                0,
+            );
             let mut net = self.denoiser();
             samples = sample(&mut net, &sampler, self.config.eval_samples, None, |_, _| {})
                 .map_err(|e| TrainError::Config(format!("sampling failed: {e}")))?;

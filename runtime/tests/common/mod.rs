@@ -19,6 +19,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
         recommended_steps: 50,
         recommended_td: 1.0,
         recommended_sampler: StepRule::Ddim,
+        recommended_guidance: 1.0,
         provenance: Provenance {
             corpus: "test".into(),
             corpus_sha256: String::new(),
