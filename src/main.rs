@@ -101,8 +101,8 @@ enum Command {
         /// Step rule the file recommends, ddim or ddpm [default: ddim].
         #[arg(long, value_parser = enum_arg::<StepRule>)]
         sampler: Option<StepRule>,
-        /// Classifier-free guidance the file recommends for prompts and infills [default: 1,
-        /// plain conditioning].
+        /// Classifier-free guidance the file recommends for prompts, infills and --length
+        /// [default: 1, plain conditioning].
         #[arg(long)]
         guidance: Option<f32>,
     },
@@ -268,7 +268,8 @@ impl SamplingFlags {
     }
 
     /// The model, with its plan prepared for `n` sequences (which, with `--device auto`,
-    /// decides the device), and the sampler's settings for `n` free or `Conditional` samples.
+    /// decides the device), and the sampler's settings for free samples or, when `conditional`,
+    /// samples with known characters.
     fn load(&self, n: usize, conditional: bool) -> Result<(TractDenoiser, SamplerConfig)> {
         let mut net = self.load_on(self.device)?;
         let config = self.sampler_config(net.spec(), conditional);
