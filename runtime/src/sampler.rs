@@ -203,14 +203,8 @@ fn check(
     if !(config.td.is_finite() && config.td >= 0.0) {
         return Err(SampleError::Config(format!("td must be >= 0, got {}", config.td)));
     }
-    if !(config.guidance.is_finite() && config.guidance >= 0.0) {
-        return Err(SampleError::Config(format!("guidance must be >= 0, got {}", config.guidance)));
-    }
-    if config.guidance != 1.0 && !spec.conditioning {
-        return Err(SampleError::Config(
-            "guidance needs a model trained with conditioning; this one conditions by replacement"
-                .into(),
-        ));
+    if let Some(problem) = guidance_problem(config.guidance, spec.conditioning) {
+        return Err(SampleError::Config(problem));
     }
     if n == 0 {
         return Err(SampleError::Config("the number of samples must be at least 1".into()));
@@ -231,6 +225,21 @@ fn check(
         }
     }
     Ok(())
+}
+
+/// Why a guidance weight cannot steer a model (trained with conditioning or not), if it cannot:
+/// for the sampler's settings and for a file's recommendation alike.
+pub fn guidance_problem(weight: f32, conditioning: bool) -> Option<String> {
+    if !(weight.is_finite() && weight >= 0.0) {
+        Some(format!("guidance must be >= 0, got {weight}"))
+    } else if weight != 1.0 && !conditioning {
+        Some(
+            "guidance needs a model trained with conditioning; this one conditions by replacement"
+                .into(),
+        )
+    } else {
+        None
+    }
 }
 
 /// Known characters as analog bits and a mask, the form the network and the sampler use.

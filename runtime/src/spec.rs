@@ -2,7 +2,7 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
-use crate::sampler::StepRule;
+use crate::sampler::{guidance_problem, StepRule};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -138,11 +138,8 @@ impl ModelSpec {
         {
             return invalid("recommended steps must be > 0 and td >= 0");
         }
-        if !(self.recommended_guidance.is_finite() && self.recommended_guidance >= 0.0) {
-            return invalid("recommended guidance must be >= 0");
-        }
-        if self.recommended_guidance != 1.0 && !self.conditioning {
-            return invalid("guidance needs a model trained with conditioning");
+        if let Some(problem) = guidance_problem(self.recommended_guidance, self.conditioning) {
+            return invalid(&format!("recommended {problem}"));
         }
         Ok(())
     }
