@@ -19,19 +19,43 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// When mimalloc (v3) returns freed memory to the OS, in ms; its default is 1000. The sampler
-/// returns it at once (0): sampling 8 sequences on 2 threads otherwise peaked at 84 MB, at once
-/// 55-57 MB, for ~10-20% more step time in page faults (2 ms: 59-63 MB, 10 ms: 64-68 MB;
-/// BENCHMARKS.md). Training never does (-1): every step frees and reallocates the same large
-/// tensors, and refaulting them cost ~8% of a step at the default (2.4-2.6 s vs 2.3-2.4 s per
-/// step of the default model, sys time 3.6-5.5 s vs 2.5 s over 8 steps) and 30% at 10 ms, for
-/// 5% more peak memory.
+/// When mimalloc (v3) returns freed memory to the OS, in ms; its default is 1000. Training never
+/// does (-1): every step frees and reallocates the same large tensors, and refaulting them cost
+/// ~8% of a step at the default (2.4-2.6 s vs 2.3-2.4 s per step of the default model, sys time
+/// 3.6-5.5 s vs 2.5 s over 8 steps) and 30% at 10 ms, for 5% more peak memory. Sampling, see
+/// `LOAD_PURGE_DELAY_MS` and `settle_memory`.
 fn set_purge_delay(ms: std::ffi::c_long) {
     // `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v3.3): libmimalloc-sys has no name
     // for it.
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: sets an integer option; mimalloc reads options at each use.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, ms) }
+}
+
+/// The purge delay while a model is read and its plan optimized: that churns through
+/// short-lived buffers, and returning each at once made a third of the start-up page faults
+/// (load, one step, exit: 46.4 ms at 0, 40.7 ms at 20 ms; edge NNEF build, BENCHMARKS.md).
+const LOAD_PURGE_DELAY_MS: std::ffi::c_long = 20;
+
+/// The purge delay from the first denoising step on. tract allocates every step's tensors afresh:
+/// kept (1000 or never), sampling 8 x 96 characters on 2 threads peaked at 79-90 MB of memory;
+/// returned at once (0), half its time went to faulting them back in. Between the two, 2 ms.
+const SAMPLE_PURGE_DELAY_MS: std::ffi::c_long = 2;
+
+/// Once a plan is prepared, for the denoising loop: no more transparent huge pages (they serve
+/// loading, but every page returned between steps then comes back as 2 MB to zero, and memory
+/// is held in 2 MB units), and `SAMPLE_PURGE_DELAY_MS`. Sampling 8 x 96 characters (edge NNEF
+/// build, 2 threads): 1.00-1.11 s and 55-57 MB, against 1.26-1.36 s and 55-62 MB with huge pages
+/// and a delay of 0 (BENCHMARKS.md, "Edge builds").
+fn settle_memory() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: sets a flag of this process (the kernel's MMF_DISABLE_THP); no memory is touched.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    set_purge_delay(SAMPLE_PURGE_DELAY_MS);
+    // SAFETY: a plain call; `force` returns what can be returned now.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// The shipped default model in the format this build reads (NNEF builds get its NNEF twin).
@@ -283,6 +307,7 @@ impl SamplingFlags {
         let auto = net.device() == Device::Auto;
         net.prepare(batch)
             .with_context(|| format!("preparing {} for batch {batch}", self.model_name()))?;
+        settle_memory();
         if let Some(why) = net.fallback_reason().filter(|_| auto) {
             eprintln!("note: --device auto runs on the CPU: {why}");
         }
@@ -336,7 +361,10 @@ fn enum_arg<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
 fn main() {
     let cli = Cli::parse();
     match cli.command {
-        Command::Sample(_) | Command::Eval(_) | Command::Bench(_) => set_purge_delay(0),
+        // Until `settle_memory`, once a plan is prepared.
+        Command::Sample(_) | Command::Eval(_) | Command::Bench(_) => {
+            set_purge_delay(LOAD_PURGE_DELAY_MS)
+        }
         #[cfg(feature = "train")]
         Command::Train(_) => set_purge_delay(-1),
         _ => {}
