@@ -38,15 +38,16 @@ fn set_purge_delay(ms: std::ffi::c_long) {
 const LOAD_PURGE_DELAY_MS: std::ffi::c_long = 20;
 
 /// The purge delay from the first denoising step on. tract allocates every step's tensors afresh:
-/// kept (1000 or never), sampling 8 x 96 characters on 2 threads peaked at 79-90 MB of memory;
-/// returned at once (0), half its time went to faulting them back in. Between the two, 2 ms.
+/// never returned, sampling 8 x 96 characters on 2 threads peaked at 65-74 MiB (0.76-0.85 s);
+/// returned at once (0), 45-47 MiB, but most of its 1.3 s went to faulting them back in. 2 ms:
+/// 53-56 MiB, 1.0-1.1 s, under issue 7's 64 MB with room.
 const SAMPLE_PURGE_DELAY_MS: std::ffi::c_long = 2;
 
 /// Once a plan is prepared, for the denoising loop: no more transparent huge pages (they serve
 /// loading, but every page returned between steps then comes back as 2 MB to zero, and memory
 /// is held in 2 MB units), and `SAMPLE_PURGE_DELAY_MS`. Sampling 8 x 96 characters (edge NNEF
-/// build, 2 threads): 1.00-1.11 s and 55-57 MB, against 1.26-1.36 s and 55-62 MB with huge pages
-/// and a delay of 0 (BENCHMARKS.md, "Edge builds").
+/// build, 2 threads): 1.00-1.11 s and 53-56 MiB, against 1.25-1.31 s and 52-57 MiB with huge
+/// pages and a delay of 0 (BENCHMARKS.md, "Edge builds").
 fn settle_memory() {
     #[cfg(target_os = "linux")]
     // SAFETY: sets a flag of this process (the kernel's MMF_DISABLE_THP); no memory is touched.
