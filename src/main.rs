@@ -117,19 +117,19 @@ enum Command {
         /// the run's training corpus].
         #[arg(long)]
         calibration: Option<PathBuf>,
-        /// Sampling steps the file recommends [default: the run's --sample-steps].
+        #[command(flatten)]
+        recommend: RecommendFlags,
+    },
+    /// Rewrite the sampling settings an exported ONNX file recommends (after measuring them with
+    /// `chardiff eval`); the network stays as it is.
+    #[cfg(feature = "train")]
+    Tune {
+        model: PathBuf,
+        /// Where to write the file (may be MODEL itself).
         #[arg(long)]
-        steps: Option<usize>,
-        /// Asymmetric time delta the file recommends [default: the run's --sample-td].
-        #[arg(long)]
-        td: Option<f32>,
-        /// Step rule the file recommends, ddim or ddpm [default: ddim].
-        #[arg(long, value_parser = enum_arg::<StepRule>)]
-        sampler: Option<StepRule>,
-        /// Classifier-free guidance the file recommends for prompts, infills and --length
-        /// [default: 1, plain conditioning].
-        #[arg(long)]
-        guidance: Option<f32>,
+        out: PathBuf,
+        #[command(flatten)]
+        recommend: RecommendFlags,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -154,6 +154,38 @@ enum Command {
     Parity(bench::ParityArgs),
 }
 
+/// The sampling settings a model file recommends (`sample`, `eval` and `bench` use them).
+#[cfg(feature = "train")]
+#[derive(clap::Args)]
+struct RecommendFlags {
+    /// Sampling steps the file recommends [default: export: the run's --sample-steps; tune: the
+    /// file's].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Asymmetric time delta the file recommends [default: the run's --sample-td, or the file's].
+    #[arg(long)]
+    td: Option<f32>,
+    /// Step rule the file recommends, ddim or ddpm [default: ddim, or the file's].
+    #[arg(long, value_parser = enum_arg::<StepRule>)]
+    sampler: Option<StepRule>,
+    /// Classifier-free guidance the file recommends for prompts, infills and --length
+    /// [default: 1, plain conditioning, or the file's].
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Spacing of the sampling steps' times the file recommends: 1 even, below 1 more steps at
+    /// middle noise levels [default: 1, or the file's].
+    #[arg(long)]
+    warp: Option<f32>,
+}
+
+#[cfg(feature = "train")]
+impl From<RecommendFlags> for chardiff_export::Recommendation {
+    fn from(f: RecommendFlags) -> Self {
+        let RecommendFlags { steps, td, sampler, guidance, warp } = f;
+        chardiff_export::Recommendation { steps, td, sampler, guidance, warp }
+    }
+}
+
 /// Which model and how to run its sampler.
 #[derive(clap::Args)]
 struct SamplingFlags {
@@ -175,6 +207,10 @@ struct SamplingFlags {
     /// second pass of the network per step [default: the model's recommendation].
     #[arg(long)]
     guidance: Option<f32>,
+    /// Spacing of the steps' times: 1 even, below 1 more steps at middle noise levels, fewer
+    /// near pure noise and near clean text [default: the model's recommendation].
+    #[arg(long)]
+    warp: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
@@ -324,6 +360,7 @@ impl SamplingFlags {
             rule: self.sampler.unwrap_or(spec.recommended_sampler),
             seed: self.seed,
             guidance: if conditional { guidance } else { 1.0 },
+            warp: self.warp.unwrap_or(spec.recommended_warp),
         }
     }
 }
@@ -374,28 +411,16 @@ fn main() {
         #[cfg(feature = "train")]
         Command::Train(args) => train::run(*args),
         #[cfg(feature = "train")]
-        Command::Export {
-            run,
-            out,
-            format,
-            precision,
-            calibration,
-            steps,
-            td,
-            sampler,
-            guidance,
-        } => {
-            let options = chardiff_export::Options {
-                format,
-                precision,
-                recommended_steps: steps,
-                recommended_td: td,
-                recommended_sampler: sampler,
-                recommended_guidance: guidance,
-                calibration,
-            };
-            export(run, out, options)
+        Command::Export { run, out, format, precision, calibration, recommend } => {
+            let recommended = recommend.into();
+            export(
+                run,
+                out,
+                chardiff_export::Options { format, precision, recommended, calibration },
+            )
         }
+        #[cfg(feature = "train")]
+        Command::Tune { model, out, recommend } => tune(model, out, recommend.into()),
         #[cfg(feature = "train")]
         Command::Curves { run } => chardiff_train::write_curves(&run)
             .map(|()| {
@@ -869,7 +894,7 @@ mod eval {
             .collect();
         let real = seam_quality(&real, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "quality": q, "validation_windows": real });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "quality": q, "validation_windows": real });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             println!("{mode}: {} samples, {config}", texts.len());
@@ -958,6 +983,22 @@ fn export(run: PathBuf, out: PathBuf, options: chardiff_export::Options) -> Resu
     Ok(())
 }
 
+#[cfg(feature = "train")]
+fn tune(model: PathBuf, out: PathBuf, recommended: chardiff_export::Recommendation) -> Result<()> {
+    let spec = chardiff_export::retune(&model, &out, &recommended)
+        .with_context(|| format!("rewriting the settings of {}", model.display()))?;
+    let config = SamplerConfig {
+        steps: spec.recommended_steps,
+        td: spec.recommended_td,
+        rule: spec.recommended_sampler,
+        seed: 0,
+        guidance: spec.recommended_guidance,
+        warp: spec.recommended_warp,
+    };
+    eprintln!("wrote {}: recommends {config}", out.display());
+    Ok(())
+}
+
 #[cfg(feature = "onnx")]
 fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
     let onnx = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
@@ -976,7 +1017,8 @@ mod train {
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
     use chardiff_train::{
-        Activation, AttentionBias, Event, Loss, ModelConfig, SelfCondUnit, TrainConfig, Trainer,
+        Activation, AttentionBias, Event, Loss, ModelConfig, SelfCondUnit, TimeSampling,
+        TrainConfig, Trainer,
     };
     use std::path::PathBuf;
 
@@ -1039,6 +1081,10 @@ mod train {
         /// batch or example: what one self-conditioning coin decides.
         #[arg(long, default_value = "batch", value_parser = enum_arg::<SelfCondUnit>)]
         self_cond_unit: SelfCondUnit,
+        /// Draw training times t from a logit-normal, t = sigmoid(M + S z) with z ~ N(0, 1),
+        /// instead of uniformly (validation stays uniform): --time-logit-normal M,S, e.g. 0,1.
+        #[arg(long, value_name = "M,S", value_parser = parse_logit_normal)]
+        time_logit_normal: Option<TimeSampling>,
         /// Train without cond/cond_mask inputs (no prompts or infilling then).
         #[arg(long)]
         no_conditioning: bool,
@@ -1063,6 +1109,17 @@ mod train {
         sample_steps: usize,
         #[arg(long, default_value_t = 1.0)]
         sample_td: f32,
+    }
+
+    fn parse_logit_normal(arg: &str) -> Result<TimeSampling, String> {
+        let numbers =
+            arg.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<Vec<_>, _>>();
+        match numbers.as_deref() {
+            Ok(&[mean, std]) => Ok(TimeSampling::LogitNormal { mean, std }),
+            _ => {
+                Err(format!("expected the mean and std of logit(t) as M,S (e.g. 0,1), got {arg:?}"))
+            }
+        }
     }
 
     pub fn run(args: TrainArgs) -> Result<()> {
@@ -1090,6 +1147,7 @@ mod train {
                 self_conditioning: !args.no_self_cond,
                 self_cond_rate: args.self_cond_rate,
                 self_cond_unit: args.self_cond_unit,
+                time_sampling: args.time_logit_normal.unwrap_or_default(),
                 conditioning: !args.no_conditioning,
                 steps: args.steps.unwrap_or(TrainConfig::default().steps),
                 batch: args.batch,

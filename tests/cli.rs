@@ -134,7 +134,8 @@ fn train_export_sample_and_resume_through_the_cli() {
 
     // Sampling settings measured after training become the file's recommendation.
     let tuned = dir.path().join("tuned.onnx");
-    let tune = ["--steps", "7", "--td", "0", "--sampler", "ddpm", "--guidance", "2"];
+    let tune =
+        ["--steps", "7", "--td", "0", "--sampler", "ddpm", "--guidance", "2", "--warp", "0.6"];
     let out = chardiff(&[&["export", s(&run), "--out", s(&tuned)][..], &tune].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bench = chardiff(&["bench", "--model", s(&tuned), "--batch", "1", "--no-full", "--json"]);
@@ -147,8 +148,16 @@ fn train_export_sample_and_resume_through_the_cli() {
     assert!(recommended.status.success(), "{}", String::from_utf8_lossy(&recommended.stderr));
     assert_eq!(
         recommended.stdout, explicit.stdout,
-        "the file's steps, td, step rule and guidance are used"
+        "the file's steps, td, step rule, guidance and warp are used"
     );
+    // The same settings written into an exported file afterwards.
+    let retuned = dir.path().join("retuned.onnx");
+    let out = chardiff(&[&["tune", s(&model), "--out", s(&retuned)][..], &tune].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let from_retuned = chardiff(&["sample", "--model", s(&retuned), "-n", "2", "--prompt", "the"]);
+    assert_eq!(from_retuned.stdout, explicit.stdout, "tune records the settings, nothing else");
+    fails_with(&["tune", s(&model), "--out", s(&retuned), "--warp", "0"], "warp must be > 0");
+    fails_with(&["tune", s(&short), "--out", s(&retuned)], "is not an ONNX file");
     fails_with(
         &["export", s(&run), "--out", s(&tuned), "--steps", "0"],
         "recommended steps must be > 0",

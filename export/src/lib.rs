@@ -10,13 +10,15 @@ pub use denoiser::{denoiser_graph, ExportError};
 
 use chardiff_runtime::corpus::{read_text, Corpus, CorpusError};
 use chardiff_runtime::sampler::StepRule;
+use chardiff_runtime::spec::METADATA_PREFIX;
 use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
-use chardiff_runtime::Precision;
+use chardiff_runtime::{ModelSpec, Precision, SpecError};
 use chardiff_train::calibrate::{calibrate, ActivationRanges, CalibrationError, CALIBRATION_FILE};
 use chardiff_train::checkpoint::{read_json, write_atomic, CheckpointError, TRAIN_FILE};
 use chardiff_train::{TrainConfig, TrainedModel};
 use prost::Message;
 use std::path::{Path, PathBuf};
+use tract_onnx::pb::{ModelProto, StringStringEntryProto};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -33,6 +35,10 @@ pub enum Error {
     #[error("{0} has no {CALIBRATION_FILE} (its run predates int8 export) and its training corpus is not where train.json says: pass --calibration FILE, e.g. the training corpus")]
     NoCalibration(PathBuf),
 
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not an ONNX file ({why}); settings can be rewritten in ONNX files only (convert to NNEF afterwards)")]
+    NotOnnx { path: PathBuf, why: String },
     #[error("cannot write {path}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -49,12 +55,8 @@ pub struct Summary {
 pub struct Options {
     pub format: Format,
     pub precision: Precision,
-    /// Sampling steps, td, step rule and guidance the file recommends, when measured after training
-    /// (`chardiff eval`) rather than the run's settings.
-    pub recommended_steps: Option<usize>,
-    pub recommended_td: Option<f32>,
-    pub recommended_sampler: Option<StepRule>,
-    pub recommended_guidance: Option<f32>,
+    /// Sampling settings measured after training (`chardiff eval`) rather than the run's.
+    pub recommended: Recommendation,
     /// int8: the text whose windows calibrate the activation scales [default: the run's
     /// calibration.txt, else its training corpus], preprocessed as the run's corpus was.
     pub calibration: Option<PathBuf>,
@@ -65,24 +67,38 @@ impl Default for Options {
         Options {
             format: Format::Onnx,
             precision: Precision::F32,
-            recommended_steps: None,
-            recommended_td: None,
-            recommended_sampler: None,
-            recommended_guidance: None,
+            recommended: Recommendation::default(),
             calibration: None,
         }
+    }
+}
+
+/// The sampling settings a model file recommends; `None` keeps the one it has.
+#[derive(Clone, Debug, Default)]
+pub struct Recommendation {
+    pub steps: Option<usize>,
+    pub td: Option<f32>,
+    pub sampler: Option<StepRule>,
+    pub guidance: Option<f32>,
+    pub warp: Option<f32>,
+}
+
+impl Recommendation {
+    /// Writes the settings into `spec` and checks them.
+    pub fn apply(&self, spec: &mut ModelSpec) -> Result<(), SpecError> {
+        spec.recommended_steps = self.steps.unwrap_or(spec.recommended_steps);
+        spec.recommended_td = self.td.unwrap_or(spec.recommended_td);
+        spec.recommended_sampler = self.sampler.unwrap_or(spec.recommended_sampler);
+        spec.recommended_guidance = self.guidance.unwrap_or(spec.recommended_guidance);
+        spec.recommended_warp = self.warp.unwrap_or(spec.recommended_warp);
+        spec.validate()
     }
 }
 
 /// Exports the run in `dir` (its EMA weights when it has them) to `out`, atomically.
 pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, Error> {
     let mut model = TrainedModel::load(dir)?;
-    let spec = &mut model.spec;
-    spec.recommended_steps = options.recommended_steps.unwrap_or(spec.recommended_steps);
-    spec.recommended_td = options.recommended_td.unwrap_or(spec.recommended_td);
-    spec.recommended_sampler = options.recommended_sampler.unwrap_or(spec.recommended_sampler);
-    spec.recommended_guidance = options.recommended_guidance.unwrap_or(spec.recommended_guidance);
-    spec.validate().map_err(|e| Error::Export(ExportError::Spec(e)))?;
+    options.recommended.apply(&mut model.spec).map_err(ExportError::Spec)?;
     let ranges = match options.precision {
         Precision::Int8 => Some(calibrate(&model, &calibration_text(dir, &options)?)?),
         _ => None,
@@ -98,6 +114,29 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
         parameters: model.weights.values().map(|t| t.elem_count()).sum(),
         training_steps: model.spec.provenance.steps,
     })
+}
+
+/// Rewrites the sampling settings an exported ONNX file recommends, leaving its network as it
+/// is (an NNEF archive is converted again from the rewritten file). Returns the new spec.
+pub fn retune(model: &Path, out: &Path, recommended: &Recommendation) -> Result<ModelSpec, Error> {
+    let read = |source| Error::Read { path: model.to_path_buf(), source };
+    let bytes = std::fs::read(model).map_err(read)?;
+    let not_onnx = |why: String| Error::NotOnnx { path: model.to_path_buf(), why };
+    if Format::of(&bytes) == Format::Nnef {
+        return Err(not_onnx("it is an NNEF archive".into()));
+    }
+    let mut proto = ModelProto::decode(&bytes[..]).map_err(|e| not_onnx(e.to_string()))?;
+    let props = proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str()));
+    let mut spec = ModelSpec::from_metadata(props).map_err(ExportError::Spec)?;
+    recommended.apply(&mut spec).map_err(ExportError::Spec)?;
+    // Other keys (a producer's own) stay; the spec's are written anew.
+    proto.metadata_props.retain(|p| !p.key.starts_with(METADATA_PREFIX));
+    proto.metadata_props.extend(
+        spec.to_metadata().into_iter().map(|(key, value)| StringStringEntryProto { key, value }),
+    );
+    write_atomic(out, &proto.encode_to_vec())
+        .map_err(|source| Error::Write { path: out.to_path_buf(), source })?;
+    Ok(spec)
 }
 
 /// The model as the bytes of an ONNX file (int8 needs `ranges`).

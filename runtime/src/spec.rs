@@ -2,7 +2,7 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
-use crate::sampler::{guidance_problem, StepRule};
+use crate::sampler::{guidance_problem, warp_problem, StepRule};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,10 @@ pub struct ModelSpec {
     /// plain conditioning).
     #[serde(default = "plain_conditioning")]
     pub recommended_guidance: f32,
+    /// Spacing of the sampling steps' times, `sampler::step_time` (files from before this field:
+    /// 1, evenly spaced).
+    #[serde(default = "even_steps")]
+    pub recommended_warp: f32,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
@@ -61,6 +65,10 @@ pub struct ModelSpec {
 }
 
 fn plain_conditioning() -> f32 {
+    1.0
+}
+
+fn even_steps() -> f32 {
     1.0
 }
 
@@ -141,6 +149,9 @@ impl ModelSpec {
         if let Some(problem) = guidance_problem(self.recommended_guidance, self.conditioning) {
             return invalid(&format!("recommended {problem}"));
         }
+        if let Some(problem) = warp_problem(self.recommended_warp) {
+            return invalid(&format!("recommended {problem}"));
+        }
         Ok(())
     }
 
@@ -195,6 +206,7 @@ pub(crate) mod tests {
             recommended_td: 1.0,
             recommended_sampler: StepRule::Ddpm,
             recommended_guidance: 2.5,
+            recommended_warp: 0.6,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -213,13 +225,16 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
-        // Files from before the step rule and guidance were recorded: DDIM, plain conditioning.
-        let older = meta.iter().filter(|(k, _)| {
-            !k.ends_with("recommended_sampler") && !k.ends_with("recommended_guidance")
-        });
+        // Files from before the step rule, guidance and warp were recorded: DDIM, plain
+        // conditioning, evenly spaced steps.
+        let newer = ["recommended_sampler", "recommended_guidance", "recommended_warp"];
+        let older = meta.iter().filter(|(k, _)| !newer.iter().any(|n| k.ends_with(n)));
         let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back.recommended_sampler, StepRule::Ddim);
         assert_eq!(back.recommended_guidance, 1.0);
+        assert_eq!(back.recommended_warp, 1.0);
+        let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
+        assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The sampling loop against denoisers whose behaviour is known exactly.
 
-use chardiff_runtime::sampler::{gaussian, sample, SamplerConfig, StepRule};
+use chardiff_runtime::sampler::{gaussian, sample, step_time, SamplerConfig, StepRule};
 use chardiff_runtime::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -54,6 +54,29 @@ fn td_changes_the_trajectory() {
 }
 
 #[test]
+fn warp_spaces_the_times_and_one_is_even() {
+    for i in 0..=100 {
+        let u = i as f32 / 100.0;
+        assert_eq!(step_time(u, 1.0), 1.0 - u, "warp 1 is the plain loop, bit for bit");
+    }
+    let warped: Vec<f32> = (0..=100).map(|i| step_time(i as f32 / 100.0, 0.6)).collect();
+    assert_eq!((warped[0], warped[50], warped[100]), (1.0, 0.5, 0.0));
+    assert!(warped.windows(2).all(|w| w[1] < w[0]), "times fall at every step");
+    let middle = warped.iter().filter(|t| (0.35..0.65).contains(*t)).count();
+    assert!((45..=50).contains(&middle), "{middle} of 101 times between 0.35 and 0.65");
+    assert_eq!(step_time(1.5, 0.6), 0.0, "steps past the end (td) land on t = 0");
+
+    // The sampler tells the network the warped times and still lands on the data.
+    let text = b"warped steps";
+    let mut net = Oracle::new(spec(text.len(), false, Head::Bits), text);
+    let warp = SamplerConfig { warp: 0.6, ..config(10, 0.0, StepRule::Ddim) };
+    assert_eq!(sample(&mut net, &warp, 1, None, |_, _| {}).unwrap(), vec![text.to_vec()]);
+    let told: Vec<f32> = net.seen.iter().map(|(_, t)| *t).collect();
+    let expected: Vec<f32> = (0..10).map(|i| step_time(i as f32 / 10.0, 0.6)).collect();
+    assert_eq!(told, expected);
+}
+
+#[test]
 fn same_seed_same_samples_other_seed_other_noise() {
     let text = b"abc";
     let go = |seed| {
@@ -86,6 +109,8 @@ fn bad_settings_and_unfit_known_characters_are_refused() {
     };
     assert!(bad(&mut net, config(0, 0.0, StepRule::Ddim), 1, None).contains("steps"));
     assert!(bad(&mut net, config(5, -1.0, StepRule::Ddim), 1, None).contains("td"));
+    let unwarped = SamplerConfig { warp: 0.0, ..config(5, 0.0, StepRule::Ddim) };
+    assert!(bad(&mut net, unwarped, 1, None).contains("warp must be > 0"));
     assert!(bad(&mut net, config(5, 0.0, StepRule::Ddim), 0, None).contains("at least 1"));
     let short = [Some(b'a')];
     assert!(bad(&mut net, config(5, 0.0, StepRule::Ddim), 1, Some(&short)).contains("slots"));

@@ -6,7 +6,7 @@
 use crate::candle::{CandleOps, Frozen};
 use crate::checkpoint::TrainedModel;
 use crate::model;
-use crate::trainer::{make_batch, TrainError};
+use crate::trainer::{make_batch, TimeSampling, TrainError};
 use candle_core::{DType, Tensor, TensorId};
 use chardiff_runtime::corpus::spaced_windows;
 use rand::SeedableRng;
@@ -83,8 +83,14 @@ pub fn calibrate(model: &TrainedModel, text: &[u8]) -> Result<ActivationRanges, 
     let b = f64::from(spec.bit_scale);
     let passes = if spec.self_conditioning { 2 } else { 1 };
     for chunk in windows.chunks(BATCH) {
-        let batch =
-            make_batch(spec, &chunk.concat(), &vec![false; chunk.len()], DType::F32, &mut rng)?;
+        let batch = make_batch(
+            spec,
+            &chunk.concat(),
+            &vec![false; chunk.len()],
+            TimeSampling::Uniform,
+            DType::F32,
+            &mut rng,
+        )?;
         let mut x_self = batch.x0.zeros_like()?;
         for _pass in 0..passes {
             let mut params = Frozen(&model.weights);

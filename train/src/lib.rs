@@ -16,4 +16,4 @@ pub use chardiff_runtime::corpus;
 pub use checkpoint::TrainedModel;
 pub use curves::write_curves;
 pub use model::{Activation, AttentionBias, ModelConfig};
-pub use trainer::{Event, Loss, SelfCondUnit, TrainConfig, TrainError, Trainer};
+pub use trainer::{Event, Loss, SelfCondUnit, TimeSampling, TrainConfig, TrainError, Trainer};

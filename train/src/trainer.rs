@@ -38,6 +38,33 @@ pub enum SelfCondUnit {
     Example,
 }
 
+/// How training draws the diffusion time t of each example. Validation always draws uniformly,
+/// so validation losses compare between runs of any time sampling.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TimeSampling {
+    /// t ~ U(0, 1): every noise level weighted equally.
+    #[default]
+    Uniform,
+    /// t = sigmoid(mean + std * N(0, 1)) (as in Stable Diffusion 3): fewer steps spent near
+    /// t = 0 (almost clean: nothing to learn) and t = 1 (pure noise: only the unigram prior).
+    LogitNormal { mean: f64, std: f64 },
+}
+
+impl TimeSampling {
+    /// One draw of t in [0, 1); the uniform draw consumes the stream as runs before this option did.
+    fn draw(self, rng: &mut impl Rng) -> f32 {
+        match self {
+            TimeSampling::Uniform => rng.random::<f32>(),
+            TimeSampling::LogitNormal { mean, std } => {
+                let z: f64 = rng.sample(StandardNormal);
+                let t = 1.0 / (1.0 + (-(mean + std * z)).exp());
+                (t as f32).min(1.0 - f32::EPSILON)
+            }
+        }
+    }
+}
+
 /// Windows per validation batch: the mean over random times t varies a lot between small sets,
 /// so the validation set must not shrink with the training batch (32: the default's batch, whose
 /// runs keep their validation set).
@@ -58,6 +85,9 @@ pub struct TrainConfig {
     /// Probability that the self-conditioning pass is used.
     pub self_cond_rate: f64,
     pub self_cond_unit: SelfCondUnit,
+    /// How training batches draw t (absent in runs made before the option: uniform).
+    #[serde(default)]
+    pub time_sampling: TimeSampling,
     /// Train with `cond`/`cond_mask` inputs on random prefixes, suffixes and spans.
     pub conditioning: bool,
     pub steps: u64,
@@ -94,6 +124,7 @@ impl Default for TrainConfig {
             self_conditioning: true,
             self_cond_rate: 0.5,
             self_cond_unit: SelfCondUnit::Batch,
+            time_sampling: TimeSampling::Uniform,
             conditioning: true,
             steps: 1000,
             batch: 64,
@@ -130,6 +161,13 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.self_cond_rate) || !(0.0..1.0).contains(&self.ema_decay) {
             return bad("self-conditioning rate must be in [0, 1] and EMA decay in [0, 1)".into());
+        }
+        if let TimeSampling::LogitNormal { mean, std } = self.time_sampling {
+            if !mean.is_finite() || !positive(std) {
+                return bad(
+                    "the logit-normal time sampling needs a finite mean and a positive std".into(),
+                );
+            }
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.val_batches == 0 {
             return bad(
@@ -275,6 +313,7 @@ impl Trainer {
             recommended_td: config.sample_td,
             recommended_sampler: StepRule::Ddim,
             recommended_guidance: 1.0,
+            recommended_warp: 1.0,
             provenance: Provenance {
                 corpus: corpus.name.clone(),
                 corpus_sha256: corpus.sha256.clone(),
@@ -568,7 +607,8 @@ impl Trainer {
                     .collect(),
             }
         };
-        make_batch(&self.spec, &text, &self_cond, self.dtype, &mut self.rng)
+        let times = self.config.time_sampling;
+        make_batch(&self.spec, &text, &self_cond, times, self.dtype, &mut self.rng)
     }
 
     /// Fixed validation batches: same windows, times, noise and conditions at every evaluation
@@ -581,7 +621,14 @@ impl Trainer {
         (0..self.config.val_batches)
             .map(|_| {
                 let text = random_windows(&self.corpus.valid, window, batch, &mut rng);
-                make_batch(&self.spec, &text, &self_cond, self.dtype, &mut rng)
+                make_batch(
+                    &self.spec,
+                    &text,
+                    &self_cond,
+                    TimeSampling::Uniform,
+                    self.dtype,
+                    &mut rng,
+                )
             })
             .collect()
     }
@@ -646,18 +693,19 @@ fn adam_config(config: &TrainConfig) -> AdamWConfig {
     }
 }
 
-/// Noises a batch of windows: t ~ U(0, 1), x_t = sqrt(g) x0 + sqrt(1 - g) eps; for conditional
+/// Noises a batch of windows: t drawn by `times`, x_t = sqrt(g) x0 + sqrt(1 - g) eps; for conditional
 /// models also draws which characters are known.
 pub(crate) fn make_batch(
     spec: &ModelSpec,
     text: &[u8],
     self_cond: &[bool],
+    times: TimeSampling,
     dtype: DType,
     rng: &mut ChaCha8Rng,
 ) -> Result<Batch, TrainError> {
     let (l, k, n) = (spec.window, spec.bits, self_cond.len());
     let x0 = spec.analog_bits().encode(text);
-    let t: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
+    let t: Vec<f32> = (0..n).map(|_| times.draw(rng)).collect();
     let mut x_t = vec![0.0f32; x0.len()];
     for (i, (x, clean)) in x_t.chunks_exact_mut(l * k).zip(x0.chunks_exact(l * k)).enumerate() {
         let g = spec.schedule.gamma(f64::from(t[i])) as f32;
@@ -811,5 +859,48 @@ mod tests {
             kinds.insert((k[0], k[11], k.iter().filter(|&&m| m == 1).count() == 0));
         }
         assert!(kinds.len() >= 4, "prefixes, suffixes, spans and nothing all occur: {kinds:?}");
+    }
+
+    #[test]
+    fn logit_normal_times_gather_around_the_middle() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let draw = |times: TimeSampling, rng: &mut ChaCha8Rng| -> Vec<f32> {
+            (0..20_000).map(|_| times.draw(rng)).collect()
+        };
+        let share = |t: &[f32], lo: f32, hi: f32| {
+            t.iter().filter(|&&x| (lo..hi).contains(&x)).count() as f64 / t.len() as f64
+        };
+        let uniform = draw(TimeSampling::Uniform, &mut rng);
+        let centred = draw(TimeSampling::LogitNormal { mean: 0.0, std: 1.0 }, &mut rng);
+        let shifted = draw(TimeSampling::LogitNormal { mean: 1.0, std: 1.0 }, &mut rng);
+        for t in [&uniform, &centred, &shifted] {
+            assert!(t.iter().all(|x| (0.0..1.0).contains(x)));
+        }
+        // P(|z| < 1) = 0.683 of logit-normal(0, 1) times lie in (sigmoid(-1), sigmoid(1)).
+        let (lo, hi) = (0.268_941_4, 0.731_058_6);
+        assert!((share(&uniform, lo, hi) - 0.462).abs() < 0.02);
+        assert!((share(&centred, lo, hi) - 0.683).abs() < 0.02);
+        let median = |t: &[f32]| {
+            let mut t = t.to_vec();
+            t.sort_by(f32::total_cmp);
+            t[t.len() / 2]
+        };
+        assert!((median(&centred) - 0.5).abs() < 0.02);
+        assert!((median(&shifted) - 0.731).abs() < 0.02, "a positive mean moves t toward noise");
+    }
+
+    #[test]
+    fn runs_saved_before_time_sampling_load_as_uniform() {
+        let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
+        json.as_object_mut().unwrap().remove("time_sampling");
+        let config: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(config.time_sampling, TimeSampling::Uniform);
+        let logit = TrainConfig {
+            time_sampling: TimeSampling::LogitNormal { mean: 0.5, std: 1.2 },
+            ..TrainConfig::default()
+        };
+        let back: TrainConfig =
+            serde_json::from_str(&serde_json::to_string(&logit).unwrap()).unwrap();
+        assert_eq!(back, logit);
     }
 }
