@@ -99,7 +99,9 @@ enum Command {
     /// Train a denoiser on a text corpus (candle, CPU).
     #[cfg(feature = "train")]
     Train(Box<train::TrainArgs>),
-    /// Export a training run to one self-describing ONNX file (or tract's NNEF archive).
+    /// Export a training run to one self-describing ONNX file (or tract's NNEF archive). The
+    /// sampling flags become the file's recommendation [default: the run's --sample-steps and
+    /// --sample-td, ddim, guidance 1, warp 1].
     #[cfg(feature = "train")]
     Export {
         /// The run directory written by `chardiff train`.
@@ -118,18 +120,19 @@ enum Command {
         #[arg(long)]
         calibration: Option<PathBuf>,
         #[command(flatten)]
-        recommend: RecommendFlags,
+        recommend: SamplerFlags,
     },
     /// Rewrite the sampling settings an exported ONNX file recommends (after measuring them with
     /// `chardiff eval`); the network stays as it is.
     #[cfg(feature = "train")]
     Tune {
+        /// The exported ONNX file.
         model: PathBuf,
         /// Where to write the file (may be MODEL itself).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
-        recommend: RecommendFlags,
+        recommend: SamplerFlags,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -154,45 +157,11 @@ enum Command {
     Parity(bench::ParityArgs),
 }
 
-/// The sampling settings a model file recommends (`sample`, `eval` and `bench` use them).
-#[cfg(feature = "train")]
+/// Sampling settings: `sample`, `eval` and `bench` run with them, `export` and `tune` record them
+/// in the file as its recommendation. Each one not given: the model's recommendation (export: the
+/// run's --sample-steps and --sample-td, DDIM, guidance 1, warp 1).
 #[derive(clap::Args)]
-struct RecommendFlags {
-    /// Sampling steps the file recommends [default: export: the run's --sample-steps; tune: the
-    /// file's].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Asymmetric time delta the file recommends [default: the run's --sample-td, or the file's].
-    #[arg(long)]
-    td: Option<f32>,
-    /// Step rule the file recommends, ddim or ddpm [default: ddim, or the file's].
-    #[arg(long, value_parser = enum_arg::<StepRule>)]
-    sampler: Option<StepRule>,
-    /// Classifier-free guidance the file recommends for prompts, infills and --length
-    /// [default: 1, plain conditioning, or the file's].
-    #[arg(long)]
-    guidance: Option<f32>,
-    /// Spacing of the sampling steps' times the file recommends: 1 even, below 1 more steps at
-    /// middle noise levels [default: 1, or the file's].
-    #[arg(long)]
-    warp: Option<f32>,
-}
-
-#[cfg(feature = "train")]
-impl From<RecommendFlags> for chardiff_export::Recommendation {
-    fn from(f: RecommendFlags) -> Self {
-        let RecommendFlags { steps, td, sampler, guidance, warp } = f;
-        chardiff_export::Recommendation { steps, td, sampler, guidance, warp }
-    }
-}
-
-/// Which model and how to run its sampler.
-#[derive(clap::Args)]
-struct SamplingFlags {
-    /// The exported model, ONNX or NNEF [default: the shipped models/default.onnx, or the one
-    /// inside the binary].
-    #[arg(long)]
-    model: Option<PathBuf>,
+struct SamplerFlags {
     /// Denoising steps [default: the model's recommendation].
     #[arg(long)]
     steps: Option<usize>,
@@ -211,6 +180,25 @@ struct SamplingFlags {
     /// near pure noise and near clean text [default: the model's recommendation].
     #[arg(long)]
     warp: Option<f32>,
+}
+
+#[cfg(feature = "train")]
+impl From<SamplerFlags> for chardiff_export::Recommendation {
+    fn from(f: SamplerFlags) -> Self {
+        let SamplerFlags { steps, td, sampler, guidance, warp } = f;
+        chardiff_export::Recommendation { steps, td, sampler, guidance, warp }
+    }
+}
+
+/// Which model and how to run its sampler.
+#[derive(clap::Args)]
+struct SamplingFlags {
+    /// The exported model, ONNX or NNEF [default: the shipped models/default.onnx, or the one
+    /// inside the binary].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    settings: SamplerFlags,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where the network runs: cpu, cuda (needs a build with --features cuda), or auto.
@@ -353,14 +341,15 @@ impl SamplingFlags {
 
     /// Guidance only steers samples with something known: free samples report plain settings.
     fn sampler_config(&self, spec: &ModelSpec, conditional: bool) -> SamplerConfig {
-        let guidance = self.guidance.unwrap_or(spec.recommended_guidance);
+        let given = &self.settings;
+        let guidance = given.guidance.unwrap_or(spec.recommended_guidance);
         SamplerConfig {
-            steps: self.steps.unwrap_or(spec.recommended_steps),
-            td: self.td.unwrap_or(spec.recommended_td),
-            rule: self.sampler.unwrap_or(spec.recommended_sampler),
+            steps: given.steps.unwrap_or(spec.recommended_steps),
+            td: given.td.unwrap_or(spec.recommended_td),
+            rule: given.sampler.unwrap_or(spec.recommended_sampler),
             seed: self.seed,
             guidance: if conditional { guidance } else { 1.0 },
-            warp: self.warp.unwrap_or(spec.recommended_warp),
+            warp: given.warp.unwrap_or(spec.recommended_warp),
         }
     }
 }
