@@ -117,7 +117,7 @@ pub fn export_run(dir: &Path, out: &Path, options: Options) -> Result<Summary, E
 }
 
 /// Rewrites the sampling settings an exported ONNX file recommends, leaving its network as it
-/// is (an NNEF archive is converted again from the rewritten file). Returns the new spec.
+/// is (for an NNEF archive, convert the rewritten ONNX file again). Returns the new spec.
 pub fn retune(model: &Path, out: &Path, recommended: &Recommendation) -> Result<ModelSpec, Error> {
     let read = |source| Error::Read { path: model.to_path_buf(), source };
     let bytes = std::fs::read(model).map_err(read)?;
