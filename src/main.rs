@@ -341,15 +341,15 @@ impl SamplingFlags {
 
     /// Guidance only steers samples with something known: free samples report plain settings.
     fn sampler_config(&self, spec: &ModelSpec, conditional: bool) -> SamplerConfig {
-        let given = &self.settings;
-        let guidance = given.guidance.unwrap_or(spec.recommended_guidance);
+        let (given, recommended) = (&self.settings, SamplerConfig::recommended(spec, self.seed));
+        let guidance = given.guidance.unwrap_or(recommended.guidance);
         SamplerConfig {
-            steps: given.steps.unwrap_or(spec.recommended_steps),
-            td: given.td.unwrap_or(spec.recommended_td),
-            rule: given.sampler.unwrap_or(spec.recommended_sampler),
-            seed: self.seed,
+            steps: given.steps.unwrap_or(recommended.steps),
+            td: given.td.unwrap_or(recommended.td),
+            rule: given.sampler.unwrap_or(recommended.rule),
             guidance: if conditional { guidance } else { 1.0 },
-            warp: given.warp.unwrap_or(spec.recommended_warp),
+            warp: given.warp.unwrap_or(recommended.warp),
+            ..recommended
         }
     }
 }
@@ -976,14 +976,7 @@ fn export(run: PathBuf, out: PathBuf, options: chardiff_export::Options) -> Resu
 fn tune(model: PathBuf, out: PathBuf, recommended: chardiff_export::Recommendation) -> Result<()> {
     let spec = chardiff_export::retune(&model, &out, &recommended)
         .with_context(|| format!("rewriting the settings of {}", model.display()))?;
-    let config = SamplerConfig {
-        steps: spec.recommended_steps,
-        td: spec.recommended_td,
-        rule: spec.recommended_sampler,
-        seed: 0,
-        guidance: spec.recommended_guidance,
-        warp: spec.recommended_warp,
-    };
+    let config = SamplerConfig::recommended(&spec, 0);
     eprintln!("wrote {}: recommends {config}", out.display());
     Ok(())
 }
@@ -1006,8 +999,8 @@ mod train {
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
     use chardiff_train::{
-        Activation, AttentionBias, Event, Loss, ModelConfig, SelfCondUnit, TimeSampling,
-        TrainConfig, Trainer,
+        Activation, AttentionBias, Event, InitialWeights, Loss, ModelConfig, SelfCondUnit,
+        TimeSampling, TrainConfig, Trainer,
     };
     use std::path::PathBuf;
 
@@ -1022,6 +1015,11 @@ mod train {
         /// Continue the run saved in --out (its settings; --steps may extend it).
         #[arg(long)]
         resume: bool,
+        /// Start from the weights of an exported f32 model (its network: pass the flags it was
+        /// trained with) instead of random ones, with a fresh optimizer and schedule: to train
+        /// a model longer, or on another corpus with the same characters.
+        #[arg(long, value_name = "MODEL.onnx", conflicts_with = "resume")]
+        init_from: Option<PathBuf>,
         /// Cleaning: none, or reference (the reference implementation's, for comparable numbers).
         #[arg(long, default_value = "none", value_parser = enum_arg::<Preprocess>)]
         preprocess: Preprocess,
@@ -1152,8 +1150,19 @@ mod train {
                 sample_td: args.sample_td,
                 ..TrainConfig::default()
             };
-            Trainer::create(&args.out, config, model)
-                .with_context(|| format!("starting a run in {}", args.out.display()))?
+            let started = match &args.init_from {
+                None => Trainer::create(&args.out, config, model),
+                Some(file) => {
+                    let (from, sha256) = chardiff_export::read_onnx_model(file, &model)?;
+                    let init = InitialWeights { file: file.clone(), sha256 };
+                    Trainer::create_from(
+                        &args.out,
+                        TrainConfig { init: Some(init), ..config },
+                        &from,
+                    )
+                }
+            };
+            started.with_context(|| format!("starting a run in {}", args.out.display()))?
         };
         let bar = progress_bar(trainer.config.steps, "training");
         bar.set_position(trainer.step());

@@ -2,7 +2,7 @@
 //! network candle trained (parity of x0, and the same text for the same seed).
 
 use candle_core::{DType, Device, Tensor};
-use chardiff_export::{to_onnx_bytes, ExportError};
+use chardiff_export::{denoiser_graph, read_onnx_model, to_onnx_bytes, ExportError};
 use chardiff_runtime::bench::{max_x0_difference, RandomBatch};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::tract::{native_f16, onnx_to_nnef, LoadError, Parallelism, TractDenoiser};
@@ -10,8 +10,10 @@ use chardiff_runtime::Denoiser;
 use chardiff_runtime::{Head, Precision};
 use chardiff_train::calibrate::{calibrate, CalibrationError};
 use chardiff_train::candle::Params;
-use chardiff_train::checkpoint::TrainedModel;
-use chardiff_train::{Activation, AttentionBias, ModelConfig, TrainConfig, Trainer};
+use chardiff_train::checkpoint::{read_json, TrainedModel, TRAIN_FILE};
+use chardiff_train::{
+    Activation, AttentionBias, InitialWeights, ModelConfig, TrainConfig, Trainer,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -153,6 +155,54 @@ fn training_lowers_the_validation_loss_and_tract_matches_the_trained_model() {
     let err = parity(clone_model(&run.model));
     eprintln!("trained: max |x0 diff| = {err:.2e}");
     assert!(err <= 1e-4);
+}
+
+#[test]
+fn a_run_starts_from_an_exported_model_of_its_own_network_only() {
+    let run = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, precision: Precision| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, to_onnx_bytes(&run.model, precision, None).unwrap()).unwrap();
+        file
+    };
+    let file = write("tiny.onnx", Precision::F32);
+    let (from, sha256) = read_onnx_model(&file, &tiny_model()).unwrap();
+    assert_eq!(sha256.len(), 64);
+
+    // The new run's first weights are the file's: its validation loss is where the old run
+    // ended, and exported again it is the same graph.
+    let out = dir.path().join("run");
+    let init = InitialWeights { file: file.clone(), sha256 };
+    let config = TrainConfig { init: Some(init.clone()), ..tiny_config(Head::Softmax, true, 20) };
+    let mut trainer = Trainer::create_from(&out, config, &from).unwrap();
+    let val = trainer.evaluate(f64::NAN).unwrap().val_loss;
+    assert!((val - run.last_val).abs() < 1e-4 * run.last_val, "{val} vs {}", run.last_val);
+    let again = denoiser_graph(&TrainedModel::load(&out).unwrap(), Precision::F32, None).unwrap();
+    let original = denoiser_graph(&run.model, Precision::F32, None).unwrap();
+    assert!(again.graph == original.graph);
+    let saved: TrainConfig = read_json(&out, TRAIN_FILE).unwrap();
+    assert_eq!(saved.init, Some(init));
+    trainer.run(|_| {}).unwrap();
+    drop(trainer);
+
+    // Another network, another precision, other characters: refused, saying why.
+    let refused = |config: ModelConfig, file: &PathBuf, why: &str| {
+        let err = read_onnx_model(file, &config).err().expect("refused").to_string();
+        assert!(err.contains(why), "{err}");
+    };
+    refused(
+        ModelConfig { activation: Activation::Silu, ..tiny_model() },
+        &file,
+        "not the network of",
+    );
+    refused(ModelConfig { dim: 48, ffn: 96, ..tiny_model() }, &file, "not the network of");
+    refused(tiny_model(), &write("tiny.f16.onnx", Precision::F16), "f32 weights only");
+    let lower = dir.path().join("lower.txt");
+    std::fs::write(&lower, std::fs::read_to_string(corpus()).unwrap().to_lowercase()).unwrap();
+    let config = TrainConfig { corpus: lower, ..tiny_config(Head::Softmax, true, 20) };
+    let err = Trainer::create_from(&dir.path().join("lower"), config, &from).err().unwrap();
+    assert!(err.to_string().contains("the same characters"), "{err}");
 }
 
 #[test]

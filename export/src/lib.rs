@@ -4,9 +4,11 @@
 
 pub mod denoiser;
 pub mod graph;
+pub mod import;
 pub mod quantize;
 
 pub use denoiser::{denoiser_graph, ExportError};
+pub use import::read_onnx_model;
 
 use chardiff_runtime::corpus::{read_text, Corpus, CorpusError};
 use chardiff_runtime::sampler::StepRule;
@@ -37,8 +39,10 @@ pub enum Error {
 
     #[error("cannot read {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not an ONNX file ({why}); settings can be rewritten in ONNX files only (convert to NNEF afterwards)")]
+    #[error("{path} is not an ONNX file ({why})")]
     NotOnnx { path: PathBuf, why: String },
+    #[error("{path} cannot be read back as a trained network: {why}")]
+    Foreign { path: PathBuf, why: String },
     #[error("cannot write {path}")]
     Write { path: PathBuf, source: std::io::Error },
 }
@@ -123,7 +127,11 @@ pub fn retune(model: &Path, out: &Path, recommended: &Recommendation) -> Result<
     let bytes = std::fs::read(model).map_err(read)?;
     let not_onnx = |why: String| Error::NotOnnx { path: model.to_path_buf(), why };
     if Format::of(&bytes) == Format::Nnef {
-        return Err(not_onnx("it is an NNEF archive".into()));
+        return Err(not_onnx(
+            "it is an NNEF archive; settings can be rewritten in ONNX files only (convert to \
+             NNEF afterwards)"
+                .into(),
+        ));
     }
     let mut proto = ModelProto::decode(&bytes[..]).map_err(|e| not_onnx(e.to_string()))?;
     let props = proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str()));

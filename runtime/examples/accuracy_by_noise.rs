@@ -10,6 +10,7 @@
 use chardiff_runtime::corpus::{spaced_windows, Corpus, Preprocess};
 use chardiff_runtime::denoiser::{Condition, DenoiseInput, Denoiser};
 use chardiff_runtime::sampler::gaussian;
+use chardiff_runtime::schedule::noised;
 use chardiff_runtime::tract::TractDenoiser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,8 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let t = level as f32 / LEVELS as f32;
         let g = spec.schedule.gamma(f64::from(t)) as f32;
         let eps = gaussian(&mut rng, x0.len());
-        let x_t: Vec<f32> =
-            x0.iter().zip(&eps).map(|(c, e)| g.sqrt() * c + (1.0 - g).sqrt() * e).collect();
+        let x_t: Vec<f32> = x0.iter().zip(&eps).map(|(&c, &e)| noised(c, e, g)).collect();
         let times = vec![t; WINDOWS];
         let (mut x_self, mut estimate) = (zeros.clone(), vec![0.0f32; x0.len()]);
         for _pass in 0..if spec.self_conditioning { 2 } else { 1 } {

@@ -58,7 +58,7 @@ impl Corpus {
         }
         Ok(Corpus {
             name: path.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
-            sha256: hex(&Sha256::digest(&raw)),
+            sha256: sha256_hex(&raw),
             charset: Charset::of(&bytes),
             train: bytes[..train_end].to_vec(),
             valid: bytes[train_end..valid_end].to_vec(),
@@ -96,8 +96,9 @@ pub fn reference_clean(text: &str) -> String {
     joined.replace("   ", " ").replace("  ", " ").trim().to_string()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The SHA-256 of `bytes` in lowercase hex, as model files and run settings record it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! network: pure noise in, the decoded last x0 prediction out.
 
 use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
+use crate::schedule::noised;
 use crate::spec::ModelSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +39,18 @@ impl SamplerConfig {
     /// Plain conditioning (guidance 1).
     pub fn new(steps: usize, td: f32, rule: StepRule, seed: u64) -> SamplerConfig {
         SamplerConfig { steps, td, rule, seed, guidance: 1.0, warp: 1.0 }
+    }
+
+    /// The settings `spec` recommends.
+    pub fn recommended(spec: &ModelSpec, seed: u64) -> SamplerConfig {
+        SamplerConfig {
+            steps: spec.recommended_steps,
+            td: spec.recommended_td,
+            rule: spec.recommended_sampler,
+            seed,
+            guidance: spec.recommended_guidance,
+            warp: spec.recommended_warp,
+        }
     }
 }
 
@@ -298,8 +311,7 @@ impl KnownBits {
         for ((x, bits), known) in chunks.zip(&self.known) {
             if known.is_some() {
                 for (x, b) in x.iter_mut().zip(bits) {
-                    let z: f32 = rng.sample(StandardNormal);
-                    *x = g.sqrt() * b + (1.0 - g).sqrt() * z;
+                    *x = noised(*b, rng.sample(StandardNormal), g);
                 }
             }
         }

@@ -37,6 +37,14 @@ impl Schedule {
     pub const ALL: [Schedule; 3] = [Schedule::Cosine, Schedule::Sqrt, Schedule::Linear];
 }
 
+/// The forward process q(x_t | x_0) for one value: x_t = sqrt(gamma) x_0 + sqrt(1 - gamma) eps,
+/// with eps ~ N(0, 1). Training batches, inpainting's known positions and the noise probes all
+/// noise through this.
+#[inline]
+pub fn noised(x0: f32, eps: f32, gamma: f32) -> f32 {
+    gamma.sqrt() * x0 + (1.0 - gamma).sqrt() * eps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,4 +16,6 @@ pub use chardiff_runtime::corpus;
 pub use checkpoint::TrainedModel;
 pub use curves::write_curves;
 pub use model::{Activation, AttentionBias, ModelConfig};
-pub use trainer::{Event, Loss, SelfCondUnit, TimeSampling, TrainConfig, TrainError, Trainer};
+pub use trainer::{
+    Event, InitialWeights, Loss, SelfCondUnit, TimeSampling, TrainConfig, TrainError, Trainer,
+};

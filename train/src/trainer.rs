@@ -2,7 +2,9 @@
 //! models), AdamW with warm-up and cosine decay, EMA, validation, samples and checkpoints.
 
 use crate::candle::{matmul_peak_gflops, CandleDenoiser, CandleOps, Frozen, ParamSource, Params};
-use crate::checkpoint::{self, Checkpoint, CheckpointError, ADAM_M, ADAM_V, EMA, PARAMS};
+use crate::checkpoint::{
+    self, Checkpoint, CheckpointError, TrainedModel, ADAM_M, ADAM_V, EMA, PARAMS,
+};
 use crate::model::{self, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig, Ema};
 use candle_core::{DType, Device, Tensor, D};
@@ -10,13 +12,14 @@ use chardiff_runtime::corpus::{spaced_windows, Corpus, CorpusError, Preprocess};
 use chardiff_runtime::files::write_atomic;
 use chardiff_runtime::metrics::{quality, vocabulary, Quality};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::schedule::noised;
 use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
-use chardiff_runtime::{BitCode, Head, ModelSpec, Schedule, BITS};
+use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -108,6 +111,16 @@ pub struct TrainConfig {
     pub eval_samples: usize,
     pub sample_steps: usize,
     pub sample_td: f32,
+    /// The model file the run's weights started from (`Trainer::create_from`); None: random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitialWeights>,
+}
+
+/// Where a run that did not start from random weights got them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitialWeights {
+    pub file: PathBuf,
+    pub sha256: String,
 }
 
 impl Default for TrainConfig {
@@ -141,6 +154,7 @@ impl Default for TrainConfig {
             eval_samples: 2,
             sample_steps: 100,
             sample_td: 1.0,
+            init: None,
         }
     }
 }
@@ -293,6 +307,27 @@ impl Trainer {
         model: ModelConfig,
         dtype: DType,
     ) -> Result<Trainer, TrainError> {
+        Trainer::start(dir, config, model, dtype, None)
+    }
+
+    /// Starts a new run in `dir` from the weights of a trained model (its network, a fresh
+    /// optimizer and schedule): longer training of a shipped model, or fine-tuning it on another
+    /// corpus with the same characters. `config.init` should name the model's file.
+    pub fn create_from(
+        dir: &Path,
+        config: TrainConfig,
+        from: &TrainedModel,
+    ) -> Result<Trainer, TrainError> {
+        Trainer::start(dir, config, from.config.clone(), DType::F32, Some(from))
+    }
+
+    fn start(
+        dir: &Path,
+        config: TrainConfig,
+        model: ModelConfig,
+        dtype: DType,
+        from: Option<&TrainedModel>,
+    ) -> Result<Trainer, TrainError> {
         config.validate(&model)?;
         if dir.join(checkpoint::CHECKPOINT_FILE).exists() {
             return Err(TrainError::Exists(dir.to_path_buf()));
@@ -322,7 +357,10 @@ impl Trainer {
             },
             precision: Precision::F32,
         };
-        let params = Params::initialized(config.seed, dtype, &model, &spec)?;
+        let mut params = Params::initialized(config.seed, dtype, &model, &spec)?;
+        if let Some(from) = from {
+            params = starting_params(&params, &spec, from)?;
+        }
         let optim = AdamW::new(adam_config(&config), &params)?;
         let ema = Ema::new(config.ema_decay, &params)?;
         let lock = lock_run(dir)?;
@@ -710,7 +748,7 @@ pub(crate) fn make_batch(
     for (i, (x, clean)) in x_t.chunks_exact_mut(l * k).zip(x0.chunks_exact(l * k)).enumerate() {
         let g = spec.schedule.gamma(f64::from(t[i])) as f32;
         for (x, c) in x.iter_mut().zip(clean) {
-            *x = g.sqrt() * c + (1.0 - g).sqrt() * rng.sample::<f32, _>(StandardNormal);
+            *x = noised(*c, rng.sample(StandardNormal), g);
         }
     }
     let known: Vec<f32> = if spec.conditioning {
@@ -775,6 +813,69 @@ pub fn known_positions(l: usize, rng: &mut impl Rng) -> Vec<u8> {
         }
     }
     known
+}
+
+/// The weights of `from` for the network of `fresh`, after checking that `from` reads and writes
+/// characters the way this run's spec does.
+fn starting_params(
+    fresh: &Params,
+    spec: &ModelSpec,
+    from: &TrainedModel,
+) -> Result<Params, TrainError> {
+    let other = &from.spec;
+    let differs = |what: &str, theirs: String, ours: String| {
+        TrainError::Config(format!(
+            "the starting model's {what}: {theirs}; this run's: {ours}. A run continues a model \
+             only with the same {what}"
+        ))
+    };
+    if other.charset != spec.charset {
+        // Bytes of one set and not the other, escaped (a byte may be part of a UTF-8 sequence).
+        let only = |a: &Charset, b: &Charset| -> String {
+            let bytes = a.bytes().iter().filter(|&&x| !b.contains(x));
+            bytes.flat_map(|x| x.escape_ascii()).map(char::from).collect()
+        };
+        return Err(differs(
+            "characters",
+            format!("{} byte values", other.charset.len()),
+            format!(
+                "{} (its corpus lacks \"{}\" and adds \"{}\")",
+                spec.charset.len(),
+                only(&other.charset, &spec.charset),
+                only(&spec.charset, &other.charset)
+            ),
+        ));
+    }
+    let pairs = [
+        ("window", other.window.to_string(), spec.window.to_string()),
+        (
+            "bit code",
+            format!("{:?} x {}", other.code, other.bit_scale),
+            format!("{:?} x {}", spec.code, spec.bit_scale),
+        ),
+        ("head", format!("{:?}", other.head), format!("{:?}", spec.head)),
+        (
+            "self-conditioning",
+            other.self_conditioning.to_string(),
+            spec.self_conditioning.to_string(),
+        ),
+        ("conditioning", other.conditioning.to_string(), spec.conditioning.to_string()),
+    ];
+    if let Some((what, theirs, ours)) = pairs.into_iter().find(|(_, a, b)| a != b) {
+        return Err(differs(what, theirs, ours));
+    }
+    let weights = fresh
+        .vars()
+        .iter()
+        .map(|(name, var)| match from.weights.get(name) {
+            Some(w) if w.dims() == var.dims() => Ok((name.clone(), w.to_dtype(var.dtype())?)),
+            _ => Err(TrainError::Config(format!(
+                "the starting model has no weight `{name}` of shape {:?}: it is another network",
+                var.dims()
+            ))),
+        })
+        .collect::<Result<BTreeMap<_, _>, TrainError>>()?;
+    Ok(Params::from_tensors(&weights)?)
 }
 
 /// Creates `dir` and takes its lock file, so that a second trainer in the same run (a resume
