@@ -35,6 +35,8 @@ pub fn read_onnx_model(path: &Path, config: &ModelConfig) -> Result<(TrainedMode
         )));
     }
     let graph = proto.graph.as_ref().ok_or_else(|| foreign("it has no graph".into()))?;
+    // Every f32 initializer: the weights and the graph's own constants (scales, position
+    // tables), which regenerating the graph reads back too; a trainer takes the names it needs.
     let weights = graph
         .initializer
         .iter()
