@@ -320,12 +320,14 @@ fn the_shipped_f16_and_int8_files_are_the_default_model_and_stay_close_to_it() {
     let load = |file: &str| TractDenoiser::load(&models.join(file)).unwrap();
     let mut reference = load("default.onnx");
     // x0 lies in [-1, 1]; over random inputs (wider than the calibration's) int8 moves it by up
-    // to 0.25 (the cross-entropy-trained head is sharp: a small change of the logits can move
-    // an expected bit far; its own product stays f32; 0.16-0.25 on the defaults so far, 0.28
-    // with the head quantized too) and leaves the word rate of 256 samples within a point
-    // (BENCHMARKS.md).
+    // to 0.35 (the cross-entropy-trained head is sharp: a small change of the logits near a tie
+    // of two characters can move an expected bit far; the head's own product stays f32). The
+    // largest move grows as training sharpens the head: 0.16-0.19 on the defaults of sessions
+    // 4-12, 0.25 and 0.31 after the second and third stages (0.28 on an earlier one with the
+    // head quantized too); where measured (M1, VNNI), int8 kept the word rate of 256 samples
+    // within a point of f32 (BENCHMARKS.md).
     for (file, precision, limit) in
-        [("default.f16.onnx", Precision::F16, 1e-2), ("default.int8.onnx", Precision::Int8, 0.3)]
+        [("default.f16.onnx", Precision::F16, 1e-2), ("default.int8.onnx", Precision::Int8, 0.35)]
     {
         let mut net = load(file);
         let spec = net.spec().clone();
