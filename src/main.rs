@@ -40,7 +40,10 @@ const LOAD_PURGE_DELAY_MS: std::ffi::c_long = 20;
 /// The purge delay from the first denoising step on. tract allocates every step's tensors afresh:
 /// never returned, sampling 8 x 96 characters on 2 threads peaked at 65-74 MiB (0.76-0.85 s);
 /// returned at once (0), 45-47 MiB, but most of its 1.3 s went to faulting them back in. 2 ms:
-/// 53-56 MiB, 1.0-1.1 s, under issue 7's 64 MB with room.
+/// 53-56 MiB, 1.0-1.1 s, under issue 7's 64 MB with room. (Those calls took a thread's whole
+/// part of the batch; since the sampler calls the network one sequence at a time, a step's
+/// buffers are small enough that the allocator keeps them: BENCHMARKS.md, "Where tract's step
+/// goes".)
 const SAMPLE_PURGE_DELAY_MS: std::ffi::c_long = 2;
 
 /// Once a plan is prepared, for the denoising loop: no more transparent huge pages (they serve
@@ -218,6 +221,11 @@ struct SamplingFlags {
     /// single sequence runs on one thread) or matmul (every matrix product split).
     #[arg(long, default_value = "batch", value_parser = enum_arg::<Parallelism>)]
     parallelism: Parallelism,
+    /// Sequences per network call on each CPU thread; a thread's share of the batch runs in
+    /// calls of this size [default: 1, the fastest per sequence measured; on a GPU the whole
+    /// batch]. The text does not depend on it.
+    #[arg(long)]
+    call_batch: Option<usize>,
 }
 
 impl SamplingFlags {
@@ -275,6 +283,8 @@ impl SamplingFlags {
     /// Refuses a file whose precision is not the one asked for.
     fn checked(&self, mut net: TractDenoiser) -> Result<TractDenoiser> {
         net.set_threads(self.threads()?, self.parallelism)?;
+        anyhow::ensure!(self.call_batch != Some(0), "--call-batch must be at least 1");
+        net.set_call_batch(self.call_batch);
         let stored = net.spec().precision;
         if let Some(wanted) = self.precision.filter(|&p| p != stored) {
             anyhow::bail!(
@@ -584,6 +594,9 @@ mod bench {
         device: String,
         threads: usize,
         parallelism: Parallelism,
+        /// Sequences per network call on each thread (CPU; on a GPU a call takes the batch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        call_batch: Option<usize>,
         /// Reading the file into a graph (tract prepares plans per batch size).
         load_ms: f64,
         /// Reading and optimizing the file in onnxruntime.
@@ -683,6 +696,7 @@ mod bench {
             device: format!("{:?}", net.device()).to_lowercase(),
             threads: net.threads().0,
             parallelism: net.threads().1,
+            call_batch: (net.device() == Device::Cpu).then(|| net.call_size(usize::MAX)),
             load_ms,
             ort_load_ms,
             steps: args.sampling.sampler_config(net.spec(), false).steps,
@@ -696,11 +710,15 @@ mod bench {
             return Ok(());
         }
         println!(
-            "{} on {}, {} thread(s), parallelism {}: read in {:.1} ms{}",
+            "{} on {}, {} thread(s), parallelism {}{}: read in {:.1} ms{}",
             report.model,
             report.device,
             report.threads,
             enum_name(report.parallelism),
+            report.call_batch.map_or(String::new(), |n| match n {
+                1 => ", one sequence per call".into(),
+                n => format!(", up to {n} sequences per call"),
+            }),
             report.load_ms,
             report.ort_load_ms.map_or(String::new(), |ms| format!(" (onnxruntime: {ms:.1} ms)"))
         );

@@ -227,25 +227,37 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
 }
 
 #[test]
-fn threads_change_the_speed_not_the_text() {
+fn threads_and_call_sizes_change_the_speed_not_the_text() {
     let model = clone_model(&trained().model);
     let file = to_onnx_bytes(&model, Precision::F32, None).unwrap();
+    // One thread, one sequence per call (the CPU default).
     let mut one = TractDenoiser::from_bytes(&file).unwrap();
     let config = SamplerConfig::new(10, 1.0, StepRule::Ddpm, 7);
     let reference = sample(&mut one, &config, 5, None, |_, _| {}).unwrap();
-    for (threads, parallelism) in [
-        (2, Parallelism::Batch),
-        (3, Parallelism::Batch),
-        (2, Parallelism::Matmul),
-        (8, Parallelism::Batch),
+    let reference_of_2 = sample(&mut one, &config, 2, None, |_, _| {}).unwrap();
+    // 5 sequences: with 2 threads parts of 2 and 3, with 3 threads 1, 2 and 2, with a call batch
+    // of 3 calls of 3 and 2 (two plans), with 5 the whole batch in one call.
+    for (threads, parallelism, call_batch) in [
+        (1, Parallelism::Batch, Some(5)),
+        (1, Parallelism::Batch, Some(3)),
+        (2, Parallelism::Batch, None),
+        (2, Parallelism::Batch, Some(2)),
+        (3, Parallelism::Batch, None),
+        (2, Parallelism::Matmul, None),
+        (2, Parallelism::Matmul, Some(5)),
+        (8, Parallelism::Batch, None),
     ] {
         let mut net = TractDenoiser::from_bytes(&file).unwrap();
         net.set_threads(threads, parallelism).unwrap();
-        // 5 sequences: parts of 2 and 3 (two plans), or 1 and 2, or a pool for the matmuls.
+        net.set_call_batch(call_batch);
+        let how = format!("{threads} threads, {parallelism:?}, call batch {call_batch:?}");
         let diff = max_x0_difference(&mut one, &mut net, 5, 3).unwrap();
-        assert!(diff <= 1e-6, "{threads} threads, {parallelism:?}: max |x0 diff| {diff}");
+        assert!(diff <= 1e-6, "{how}: max |x0 diff| {diff}");
         let texts = sample(&mut net, &config, 5, None, |_, _| {}).unwrap();
-        assert_eq!(texts, reference, "{threads} threads, {parallelism:?}");
+        assert_eq!(texts, reference, "{how}");
+        // Another batch size on the same denoiser: new parts, plans kept where they fit.
+        let texts = sample(&mut net, &config, 2, None, |_, _| {}).unwrap();
+        assert_eq!(texts, reference_of_2, "{how}, 2 sequences");
     }
 }
 

@@ -1,8 +1,10 @@
 //! The tract backend: an exported denoiser (ONNX, or tract's NNEF archive) is read into a typed
-//! graph once, with the batch size a symbol. The first call with a batch size fixes the symbol and
-//! prepares a plan for it with a tract runtime (CPU: optimized plan; CUDA: the same graph
-//! translated to GPU kernels); its state is reused for every denoising step at that size.
-//! A concrete batch halves tract's optimization time (start-up) and gives a leaner plan.
+//! graph once, with the batch size a symbol. The first step of a batch size splits it into parts
+//! (one per thread) and each part into network calls (on the CPU of one sequence each, by
+//! default), fixes the symbol at each call size and prepares a plan for it with a tract runtime
+//! (CPU: optimized plan; CUDA: the same graph translated to GPU kernels, one call per batch);
+//! the plans' states are reused for every denoising step at that size. A concrete batch halves
+//! tract's optimization time (start-up) and gives a leaner plan.
 //!
 //! NNEF is always readable; ONNX needs the `onnx` feature (tract-onnx), which edge builds leave out.
 
@@ -74,11 +76,15 @@ pub struct TractDenoiser {
     model: TypedModel,
     /// The batch size the workers are prepared for.
     prepared_for: Option<usize>,
-    /// One per part of the batch, each with its own state; all but the first run on threads
+    /// One per part of the batch, each with its own states; all but the first run on threads
     /// of their own.
     workers: Vec<Worker>,
+    /// The prepared plans by batch size, shared by the workers' states.
+    plans: Vec<(usize, Arc<dyn Runnable>)>,
     threads: usize,
     parallelism: Parallelism,
+    /// Sequences per network call on the CPU (`None`: `DEFAULT_CALL_BATCH`).
+    call_batch: Option<usize>,
     /// The pool split matmuls run on (`Parallelism::Matmul`, more than one thread).
     pool: Option<matmul_pool::Pool>,
     /// Asked for until the first plan is prepared, then where the network runs.
@@ -103,32 +109,61 @@ pub enum Parallelism {
     Matmul,
 }
 
-/// One part of the batch: the rows it runs and the plan state it runs them with.
+/// Sequences per network call on the CPU unless `set_call_batch` says otherwise. One at a time:
+/// tract's step per sequence of the default model was 1.4-1.7x faster that way than in calls of
+/// 8 or 64 on both machines measured. A call of one sequence allocates at most ~200 KB at a
+/// time, which the allocator keeps between steps, while a whole batch's megabyte buffers are
+/// faulted in afresh each step; and tract fuses the attention bias into the score product only
+/// for one sequence (BENCHMARKS.md, "Where tract's step goes"). On a GPU a call takes the whole
+/// batch.
+pub const DEFAULT_CALL_BATCH: usize = 1;
+
+/// One part of the batch: its network calls (contiguous rows each, in order) and the runner of
+/// the plan states it makes them with.
 struct Worker {
-    rows: Range<usize>,
+    calls: Vec<Range<usize>>,
     runner: Runner,
-    /// The plan the state came from (shared by workers of the same part size).
-    runnable: Arc<dyn Runnable>,
 }
 
-/// Where a worker's plan state runs: on the calling thread (the first part), or on a thread kept
+/// A worker's plan states, one per call size it makes.
+struct States(Vec<(usize, Box<dyn State>)>);
+
+impl States {
+    /// One network call per input set, in order: x0 of each, as f32.
+    fn run(&mut self, calls: Vec<TVec<Tensor>>) -> TractResult<Vec<Tensor>> {
+        let mut outputs = Vec::with_capacity(calls.len());
+        for inputs in calls {
+            let size = inputs[0].shape()[0];
+            let (_, state) = self
+                .0
+                .iter_mut()
+                .find(|(batch, _)| *batch == size)
+                .expect("a state for every call size");
+            let results = state.run(inputs.into_iter().map(TValue::from).collect())?;
+            outputs.push(results[0].cast_to::<f32>()?.into_owned());
+        }
+        Ok(outputs)
+    }
+}
+
+/// Where a worker's plan states run: on the calling thread (the first part), or on a thread kept
 /// for the life of the plans (no thread is started per denoising step).
 enum Runner {
-    Here(Box<dyn State>),
+    Here(States),
     Thread {
-        jobs: Option<mpsc::Sender<TVec<Tensor>>>,
-        results: mpsc::Receiver<TractResult<Tensor>>,
+        jobs: Option<mpsc::Sender<Vec<TVec<Tensor>>>>,
+        results: mpsc::Receiver<TractResult<Vec<Tensor>>>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
 }
 
 impl Runner {
-    fn thread(mut state: Box<dyn State>) -> Runner {
-        let (jobs, inbox) = mpsc::channel::<TVec<Tensor>>();
+    fn thread(mut states: States) -> Runner {
+        let (jobs, inbox) = mpsc::channel::<Vec<TVec<Tensor>>>();
         let (outbox, results) = mpsc::channel();
         let thread = std::thread::spawn(move || {
-            for inputs in inbox {
-                if outbox.send(run_state(&mut state, inputs)).is_err() {
+            for calls in inbox {
+                if outbox.send(states.run(calls)).is_err() {
                     break;
                 }
             }
@@ -148,12 +183,6 @@ impl Drop for Runner {
             }
         }
     }
-}
-
-/// One network call on a state: x0, as f32.
-fn run_state(state: &mut Box<dyn State>, inputs: TVec<Tensor>) -> TractResult<Tensor> {
-    let outputs = state.run(inputs.into_iter().map(TValue::from).collect())?;
-    Ok(outputs[0].cast_to::<f32>()?.into_owned())
 }
 
 /// The CPU feature that makes tract's int8 matrix products fast here (u8 x i8 dot products:
@@ -244,8 +273,10 @@ impl TractDenoiser {
             model,
             prepared_for: None,
             workers: Vec::new(),
+            plans: Vec::new(),
             threads: 1,
             parallelism: Parallelism::Batch,
+            call_batch: None,
             pool: None,
             device,
             compute,
@@ -274,9 +305,30 @@ impl TractDenoiser {
         (self.threads, self.parallelism)
     }
 
+    /// At most `sequences` per network call on the CPU (`None`: `DEFAULT_CALL_BATCH`); a
+    /// thread's part of a larger batch is run in calls of that size. Plans are prepared again
+    /// at the next call. The text does not depend on it (tested).
+    pub fn set_call_batch(&mut self, sequences: Option<usize>) {
+        let sequences = sequences.map(|n| n.max(1));
+        if sequences != self.call_batch {
+            self.call_batch = sequences;
+            self.invalidate();
+        }
+    }
+
+    /// Sequences per network call for a part of `part` sequences: on the CPU at most the call
+    /// batch, elsewhere all of them.
+    pub fn call_size(&self, part: usize) -> usize {
+        match self.device {
+            Device::Cpu => self.call_batch.unwrap_or(DEFAULT_CALL_BATCH).min(part).max(1),
+            Device::Cuda | Device::Auto => part.max(1),
+        }
+    }
+
     fn invalidate(&mut self) {
         // The old plans' buffers go before new ones are made.
         self.workers.clear();
+        self.plans.clear();
         self.prepared_for = None;
     }
 
@@ -316,33 +368,66 @@ impl TractDenoiser {
         Ok(runnable.into())
     }
 
-    /// Prepares the plans for `batch` sequences per call, unless they are the current ones.
-    /// `denoise` does this itself; calling it first separates the preparation time and its
-    /// errors from the first step. With `Device::Auto`, the first plan decides the device.
+    /// Prepares the plans for denoising `batch` sequences at a time, unless they are the
+    /// current ones. `denoise` does this itself; calling it first separates the preparation
+    /// time and its errors from the first step. With `Device::Auto`, the first plan decides the
+    /// device.
     pub fn prepare(&mut self, batch: usize) -> Result<(), LoadError> {
         if self.prepared_for == Some(batch) {
             return Ok(());
         }
+        // Plans of call sizes still made are kept (with one sequence per call, every plan); the
+        // others, and the old states' buffers, go before new plans are made.
+        let mut kept = std::mem::take(&mut self.plans);
         self.invalidate();
-        let mut first = None;
         if self.device == Device::Auto {
-            first = Some(self.plan(batch)?); // decides the device
+            let runnable = self.plan(batch)?; // decides the device
+            if self.call_size(batch) == batch {
+                self.plans.push((batch, runnable));
+            }
         }
-        for rows in self.parts(batch) {
-            let size = rows.len();
-            let same_size = self.workers.iter().find(|w| w.rows.len() == size);
-            let runnable = match (same_size, first.take()) {
-                (Some(worker), _) => worker.runnable.clone(),
-                (None, Some(runnable)) if size == batch => runnable,
-                (None, _) => self.plan(size)?,
-            };
-            let state = runnable.spawn().map_err(tract_error)?;
+        let parts: Vec<Vec<Range<usize>>> = self
+            .parts(batch)
+            .into_iter()
+            .map(|rows| {
+                let size = self.call_size(rows.len());
+                rows.clone().step_by(size).map(|start| start..rows.end.min(start + size)).collect()
+            })
+            .collect();
+        kept.retain(|(size, _)| parts.iter().flatten().any(|call| call.len() == *size));
+        for calls in parts {
+            let mut states = Vec::new();
+            for call in &calls {
+                if !states.iter().any(|(size, _)| *size == call.len()) {
+                    let runnable = self.runnable(call.len(), &mut kept)?;
+                    states.push((call.len(), runnable.spawn().map_err(tract_error)?));
+                }
+            }
+            let states = States(states);
             let runner =
-                if self.workers.is_empty() { Runner::Here(state) } else { Runner::thread(state) };
-            self.workers.push(Worker { rows, runner, runnable });
+                if self.workers.is_empty() { Runner::Here(states) } else { Runner::thread(states) };
+            self.workers.push(Worker { calls, runner });
         }
         self.prepared_for = Some(batch);
         Ok(())
+    }
+
+    /// The plan for calls of `batch` sequences: one of those prepared, or of those `kept` from
+    /// the previous batch size, or a new one.
+    fn runnable(
+        &mut self,
+        batch: usize,
+        kept: &mut Vec<(usize, Arc<dyn Runnable>)>,
+    ) -> Result<Arc<dyn Runnable>, LoadError> {
+        if let Some((_, runnable)) = self.plans.iter().find(|(size, _)| *size == batch) {
+            return Ok(runnable.clone());
+        }
+        let runnable = match kept.iter().position(|(size, _)| *size == batch) {
+            Some(i) => kept.swap_remove(i).1,
+            None => self.plan(batch)?,
+        };
+        self.plans.push((batch, runnable.clone()));
+        Ok(runnable)
     }
 
     /// Floating-point operations of one network call per sequence: twice the multiply-adds of
@@ -392,7 +477,7 @@ impl TractDenoiser {
     /// without a GPU prefix run on the CPU. Empty before the first plan.
     pub fn plan_ops(&self) -> Vec<(String, usize)> {
         let mut counts = std::collections::BTreeMap::new();
-        if let Some(model) = self.workers.first().and_then(|w| w.runnable.typed_model()) {
+        if let Some(model) = self.plans.first().and_then(|(_, plan)| plan.typed_model()) {
             for node in model.nodes() {
                 *counts.entry(node.op.name().to_string()).or_insert(0) += 1;
             }
@@ -689,31 +774,35 @@ impl Denoiser for TractDenoiser {
         input.graph_inputs(&self.spec)?; // a missing condition fails before any plan is made
         self.prepare(input.batch)?;
         let (spec, compute) = (&self.spec, self.compute);
+        let inputs_of = |calls: &[Range<usize>]| -> Result<Vec<_>, BoxError> {
+            calls.iter().map(|rows| network_inputs(spec, compute, input, rows.clone())).collect()
+        };
         // The other parts go to their threads, the first runs here, then all are collected.
         for worker in &self.workers {
             if let Runner::Thread { jobs: Some(jobs), .. } = &worker.runner {
-                let inputs = network_inputs(spec, compute, input, worker.rows.clone())?;
-                jobs.send(inputs).map_err(|_| "a denoising thread has stopped")?;
+                jobs.send(inputs_of(&worker.calls)?)
+                    .map_err(|_| "a denoising thread has stopped")?;
             }
         }
         let pool = self.pool.as_ref().filter(|_| self.device == Device::Cpu);
         let per_row = spec.window * spec.bits;
         for worker in &mut self.workers {
-            let output = match &mut worker.runner {
-                Runner::Here(state) => {
-                    let inputs = network_inputs(spec, compute, input, worker.rows.clone())?;
+            let outputs = match &mut worker.runner {
+                Runner::Here(states) => {
+                    let inputs = inputs_of(&worker.calls)?;
                     match pool {
-                        Some(pool) => matmul_pool::run(pool, || run_state(state, inputs)),
-                        None => run_state(state, inputs),
+                        Some(pool) => matmul_pool::run(pool, || states.run(inputs)),
+                        None => states.run(inputs),
                     }
                 }
                 Runner::Thread { results, .. } => {
                     results.recv().map_err(|_| "a denoising thread has stopped")?
                 }
             }?;
-            let rows = &worker.rows;
-            x0[rows.start * per_row..rows.end * per_row]
-                .copy_from_slice(output.try_as_plain_ram()?.as_slice::<f32>()?);
+            for (rows, output) in worker.calls.iter().zip(outputs) {
+                x0[rows.start * per_row..rows.end * per_row]
+                    .copy_from_slice(output.try_as_plain_ram()?.as_slice::<f32>()?);
+            }
         }
         Ok(())
     }
