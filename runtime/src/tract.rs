@@ -285,7 +285,7 @@ impl TractDenoiser {
     }
 
     /// Lets each network call use up to `threads` CPU threads, the way `parallelism` says
-    /// (one thread by default). Plans are prepared again at the next call.
+    /// (one thread by default), from the next call on.
     pub fn set_threads(
         &mut self,
         threads: usize,
@@ -306,8 +306,8 @@ impl TractDenoiser {
     }
 
     /// At most `sequences` per network call on the CPU (`None`: `DEFAULT_CALL_BATCH`); a
-    /// thread's part of a larger batch is run in calls of that size. Plans are prepared again
-    /// at the next call. The text does not depend on it (tested).
+    /// thread's part of a larger batch is run in calls of that size, from the next call on. The
+    /// text does not depend on it (tested).
     pub fn set_call_batch(&mut self, sequences: Option<usize>) {
         let sequences = sequences.map(|n| n.max(1));
         if sequences != self.call_batch {
@@ -325,10 +325,10 @@ impl TractDenoiser {
         }
     }
 
+    /// Drops the workers (and their states' buffers); `prepare` makes new ones, keeping the
+    /// plans it can reuse.
     fn invalidate(&mut self) {
-        // The old plans' buffers go before new ones are made.
         self.workers.clear();
-        self.plans.clear();
         self.prepared_for = None;
     }
 
@@ -378,8 +378,8 @@ impl TractDenoiser {
         }
         // Plans of call sizes still made are kept (with one sequence per call, every plan); the
         // others, and the old states' buffers, go before new plans are made.
-        let mut kept = std::mem::take(&mut self.plans);
         self.invalidate();
+        let mut kept = std::mem::take(&mut self.plans);
         if self.device == Device::Auto {
             let runnable = self.plan(batch)?; // decides the device
             if self.call_size(batch) == batch {
