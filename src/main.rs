@@ -1013,12 +1013,12 @@ fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
 #[cfg(feature = "train")]
 mod train {
     use super::{enum_arg, progress_bar, say};
-    use anyhow::{Context, Result};
+    use anyhow::{anyhow, bail, Context, Result};
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
     use chardiff_train::{
         Activation, AttentionBias, Event, InitialWeights, Loss, ModelConfig, SelfCondUnit,
-        TimeSampling, TrainConfig, Trainer,
+        TimeSampling, TrainConfig, TrainedModel, Trainer,
     };
     use std::path::PathBuf;
 
@@ -1033,9 +1033,10 @@ mod train {
         /// Continue the run saved in --out (its settings; --steps may extend it).
         #[arg(long)]
         resume: bool,
-        /// Start from the weights of an exported f32 model (its network: pass the flags it was
-        /// trained with) instead of random ones, with a fresh optimizer and schedule: to train
-        /// a model longer, or on another corpus with the same characters.
+        /// Start from the weights of an exported f32 model instead of random ones, with a fresh
+        /// optimizer and schedule: to train a model longer, or on another corpus with the same
+        /// characters. The network, window, bit code, schedule, head, conditioning and loss are
+        /// the file's (a flag that contradicts them is refused).
         #[arg(long, value_name = "MODEL.onnx", conflicts_with = "resume")]
         init_from: Option<PathBuf>,
         /// Cleaning: none, or reference (the reference implementation's, for comparable numbers).
@@ -1045,39 +1046,45 @@ mod train {
         steps: Option<u64>,
         #[arg(long, default_value_t = 64)]
         batch: usize,
-        /// Characters per window.
-        #[arg(long, default_value_t = 96)]
-        window: usize,
-        #[arg(long, default_value_t = 256)]
-        dim: usize,
-        #[arg(long, default_value_t = 4)]
-        layers: usize,
-        #[arg(long, default_value_t = 4)]
-        heads: usize,
+        /// Characters per window [default: 96].
+        #[arg(long)]
+        window: Option<usize>,
+        /// [default: 256]
+        #[arg(long)]
+        dim: Option<usize>,
+        /// Transformer blocks [default: 4]. With --init-from, more than the file's grows it
+        /// deeper: the new blocks start as the identity (zero output projections).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// [default: 4]
+        #[arg(long)]
+        heads: Option<usize>,
         /// MLP width [default: 4 x dim].
         #[arg(long)]
         ffn: Option<usize>,
-        /// gelu (tanh approximation) or silu.
-        #[arg(long, default_value = "gelu", value_parser = enum_arg::<Activation>)]
-        activation: Activation,
+        /// gelu (tanh approximation) or silu [default: gelu].
+        #[arg(long, value_parser = enum_arg::<Activation>)]
+        activation: Option<Activation>,
         /// Position bias on attention scores: relative (learned per offset, ALiBi start), full
-        /// (learned [heads, L, L]) or none (position embeddings only: the first default model).
-        #[arg(long, default_value = "relative", value_parser = enum_arg::<AttentionBias>)]
-        attention_bias: AttentionBias,
-        /// Output head: softmax (over the corpus charset) or bits.
-        #[arg(long, default_value = "softmax", value_parser = enum_arg::<Head>)]
-        head: Head,
-        /// mse (x0) or xent (softmax head only).
-        #[arg(long, default_value = "mse", value_parser = enum_arg::<Loss>)]
-        loss: Loss,
-        /// binary or gray.
-        #[arg(long, default_value = "binary", value_parser = enum_arg::<BitCode>)]
-        code: BitCode,
-        #[arg(long, default_value_t = 1.0)]
-        bit_scale: f32,
-        /// cosine, sqrt or linear.
-        #[arg(long, default_value = "cosine", value_parser = enum_arg::<Schedule>)]
-        schedule: Schedule,
+        /// (learned [heads, L, L]) or none (position embeddings only: the first default model)
+        /// [default: relative].
+        #[arg(long, value_parser = enum_arg::<AttentionBias>)]
+        attention_bias: Option<AttentionBias>,
+        /// Output head: softmax (over the corpus charset) or bits [default: softmax].
+        #[arg(long, value_parser = enum_arg::<Head>)]
+        head: Option<Head>,
+        /// mse (x0) or xent (softmax head only) [default: mse].
+        #[arg(long, value_parser = enum_arg::<Loss>)]
+        loss: Option<Loss>,
+        /// binary or gray [default: binary].
+        #[arg(long, value_parser = enum_arg::<BitCode>)]
+        code: Option<BitCode>,
+        /// [default: 1]
+        #[arg(long)]
+        bit_scale: Option<f32>,
+        /// cosine, sqrt or linear [default: cosine].
+        #[arg(long, value_parser = enum_arg::<Schedule>)]
+        schedule: Option<Schedule>,
         /// Train without self-conditioning.
         #[arg(long)]
         no_self_cond: bool,
@@ -1127,58 +1134,125 @@ mod train {
         }
     }
 
+    /// The network: the flags' for a new model, the starting file's with `--init-from` (where a
+    /// network flag may only repeat it).
+    fn network(args: &TrainArgs, start: Option<&TrainedModel>) -> Result<ModelConfig> {
+        let Some(start) = start else {
+            let dim = args.dim.unwrap_or(256);
+            return Ok(ModelConfig {
+                dim,
+                layers: args.layers.unwrap_or(4),
+                heads: args.heads.unwrap_or(4),
+                ffn: args.ffn.unwrap_or(4 * dim),
+                activation: args.activation.unwrap_or(Activation::Gelu),
+                attention_bias: args.attention_bias.unwrap_or(AttentionBias::Relative),
+            });
+        };
+        let file = &start.config;
+        // More layers than the file's grow it: the new blocks start as the identity.
+        let layers = args.layers.unwrap_or(file.layers).max(file.layers);
+        let flags = [
+            ("dim", args.dim.map(|x| x.to_string()), file.dim.to_string()),
+            ("layers", args.layers.map(|x| x.to_string()), layers.to_string()),
+            ("heads", args.heads.map(|x| x.to_string()), file.heads.to_string()),
+            ("ffn", args.ffn.map(|x| x.to_string()), file.ffn.to_string()),
+            ("activation", args.activation.map(name), name(file.activation)),
+            ("attention-bias", args.attention_bias.map(name), name(file.attention_bias)),
+        ];
+        for (flag, given, theirs) in flags {
+            if let Some(given) = given.filter(|given| *given != theirs) {
+                bail!(
+                    "--{flag} {given} contradicts the starting model's network (--{flag} \
+                     {theirs}): with --init-from the network is the file's (--layers may add \
+                     blocks); leave the flag out"
+                );
+            }
+        }
+        Ok(ModelConfig { layers, ..file.clone() })
+    }
+
+    /// The run's settings. With `--init-from`, what the file records (window, bit code,
+    /// schedule, head, conditioning, loss) stands in for flags left out; a flag that differs
+    /// from it is refused when the run starts (`Trainer::create_from`), except the loss.
+    fn settings(args: &TrainArgs, start: Option<&TrainedModel>) -> Result<TrainConfig> {
+        let spec = start.map(|model| &model.spec);
+        let head = args.head.or(spec.map(|s| s.head)).unwrap_or(Head::Softmax);
+        let loss = match (args.loss, spec) {
+            (Some(loss), _) => loss,
+            (None, None) => Loss::Mse,
+            (None, Some(spec)) => match &spec.provenance.loss {
+                Some(loss) => {
+                    enum_arg(loss).map_err(|e| anyhow!("the starting model's loss: {e}"))?
+                }
+                None if head == Head::Bits => Loss::Mse,
+                None => bail!(
+                    "the starting model does not record the loss it was trained with (it was \
+                     exported before files recorded it): pass --loss mse or --loss xent"
+                ),
+            },
+        };
+        let default = TrainConfig::default();
+        Ok(TrainConfig {
+            corpus: args.corpus.clone().unwrap_or_default(),
+            preprocess: args.preprocess,
+            window: args.window.or(spec.map(|s| s.window)).unwrap_or(96),
+            code: args.code.or(spec.map(|s| s.code)).unwrap_or(BitCode::Binary),
+            bit_scale: args.bit_scale.or(spec.map(|s| s.bit_scale)).unwrap_or(1.0),
+            schedule: args.schedule.or(spec.map(|s| s.schedule)).unwrap_or(Schedule::Cosine),
+            head,
+            loss,
+            self_conditioning: !args.no_self_cond && spec.is_none_or(|s| s.self_conditioning),
+            self_cond_rate: args.self_cond_rate,
+            self_cond_unit: args.self_cond_unit,
+            time_sampling: args.time_logit_normal.unwrap_or_default(),
+            conditioning: !args.no_conditioning && spec.is_none_or(|s| s.conditioning),
+            steps: args.steps.unwrap_or(default.steps),
+            batch: args.batch,
+            lr: args.lr,
+            warmup: args.warmup,
+            weight_decay: args.weight_decay,
+            clip_norm: args.clip_norm,
+            ema_decay: args.ema_decay,
+            seed: args.seed,
+            eval_every: args.eval_every,
+            checkpoint_every: args.checkpoint_every,
+            sample_steps: args.sample_steps,
+            sample_td: args.sample_td,
+            ..default
+        })
+    }
+
+    /// A setting's name as the command line spells it.
+    fn name<T: serde::Serialize>(value: T) -> String {
+        serde_json::to_value(value)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
     pub fn run(args: TrainArgs) -> Result<()> {
         let mut trainer = if args.resume {
             Trainer::resume(&args.out, args.steps)
                 .with_context(|| format!("resuming {}", args.out.display()))?
         } else {
-            let model = ModelConfig {
-                dim: args.dim,
-                layers: args.layers,
-                heads: args.heads,
-                ffn: args.ffn.unwrap_or(4 * args.dim),
-                activation: args.activation,
-                attention_bias: args.attention_bias,
-            };
-            let config = TrainConfig {
-                corpus: args.corpus.clone().unwrap_or_default(),
-                preprocess: args.preprocess,
-                window: args.window,
-                code: args.code,
-                bit_scale: args.bit_scale,
-                schedule: args.schedule,
-                head: args.head,
-                loss: args.loss,
-                self_conditioning: !args.no_self_cond,
-                self_cond_rate: args.self_cond_rate,
-                self_cond_unit: args.self_cond_unit,
-                time_sampling: args.time_logit_normal.unwrap_or_default(),
-                conditioning: !args.no_conditioning,
-                steps: args.steps.unwrap_or(TrainConfig::default().steps),
-                batch: args.batch,
-                lr: args.lr,
-                warmup: args.warmup,
-                weight_decay: args.weight_decay,
-                clip_norm: args.clip_norm,
-                ema_decay: args.ema_decay,
-                seed: args.seed,
-                eval_every: args.eval_every,
-                checkpoint_every: args.checkpoint_every,
-                sample_steps: args.sample_steps,
-                sample_td: args.sample_td,
-                ..TrainConfig::default()
-            };
-            let started = match &args.init_from {
-                None => Trainer::create(&args.out, config, model),
+            let from = match &args.init_from {
+                None => None,
                 Some(file) => {
-                    let (from, sha256) = chardiff_export::read_onnx_model(file, &model)?;
-                    let init = InitialWeights { file: file.clone(), sha256 };
-                    Trainer::create_from(
-                        &args.out,
-                        TrainConfig { init: Some(init), ..config },
-                        &from,
-                    )
+                    let (model, sha256) = chardiff_export::read_onnx_model(file)?;
+                    Some((model, InitialWeights { file: file.clone(), sha256 }))
                 }
+            };
+            let start = from.as_ref().map(|(model, _)| model);
+            let model = network(&args, start)?;
+            let config = settings(&args, start)?;
+            let started = match from {
+                None => Trainer::create(&args.out, config, model),
+                Some((from, init)) => Trainer::create_from(
+                    &args.out,
+                    TrainConfig { init: Some(init), ..config },
+                    model,
+                    &from,
+                ),
             };
             started.with_context(|| format!("starting a run in {}", args.out.display()))?
         };

@@ -71,6 +71,35 @@ fn train_export_sample_and_resume_through_the_cli() {
     let out = chardiff(&["export", s(&run), "--out", s(&model)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // A new run from the exported file takes its network and settings from it: no flags to
+    // repeat, and one that contradicts the file is refused.
+    let longer = dir.path().join("longer");
+    let mut args = vec!["train", "--corpus", s(&c), "--out", s(&longer), "--init-from", s(&model)];
+    args.extend_from_slice(&["--steps", "4", "--batch", "8", "--eval-every", "2"]);
+    let out = chardiff(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let network = std::fs::read_to_string(longer.join("model.json")).unwrap();
+    assert_eq!(network, std::fs::read_to_string(run.join("model.json")).unwrap());
+    let settings = std::fs::read_to_string(longer.join("train.json")).unwrap();
+    assert!(settings.contains("\"window\": 24") && settings.contains("\"loss\": \"mse\""));
+    let deeper = dir.path().join("deeper");
+    let args = ["train", "--corpus", s(&c), "--out", s(&deeper), "--init-from", s(&model)];
+    let out = chardiff(&[&args[..], &["--layers", "2", "--steps", "2", "--batch", "8"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let network = std::fs::read_to_string(deeper.join("model.json")).unwrap();
+    assert!(network.contains("\"layers\": 2"), "grown deeper: {network}");
+    let again = dir.path().join("again");
+    let args = ["train", "--corpus", s(&c), "--out", s(&again), "--init-from", s(&model)];
+    fails_with(&[&args[..], &["--dim", "64"]].concat(), "--dim 64 contradicts");
+    fails_with(&[&args[..], &["--window", "32"]].concat(), "only with the same window");
+    fails_with(&[&args[..], &["--schedule", "sqrt"]].concat(), "only with the same schedule");
+    // Files from before the loss was recorded (the shipped default model) need --loss.
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx");
+    let args = ["train", "--corpus", s(&c), "--out", s(&again), "--init-from", s(&shipped)];
+    fails_with(&args, "pass --loss mse or --loss xent");
+    fails_with(&[&args[..], &["--loss", "xent"]].concat(), "the same characters");
+    assert!(!again.exists(), "a refused run leaves nothing behind");
+
     let out =
         chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -14,6 +14,7 @@ use chardiff_train::checkpoint::{read_json, TrainedModel, TRAIN_FILE};
 use chardiff_train::{
     Activation, AttentionBias, InitialWeights, ModelConfig, TrainConfig, Trainer,
 };
+use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -158,24 +159,26 @@ fn training_lowers_the_validation_loss_and_tract_matches_the_trained_model() {
 }
 
 #[test]
-fn a_run_starts_from_an_exported_model_of_its_own_network_only() {
+fn a_run_starts_from_an_exported_model_and_takes_its_network_from_the_file() {
     let run = trained();
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, precision: Precision| {
+    let write = |name: &str, bytes: Vec<u8>| {
         let file = dir.path().join(name);
-        std::fs::write(&file, to_onnx_bytes(&run.model, precision, None).unwrap()).unwrap();
+        std::fs::write(&file, bytes).unwrap();
         file
     };
-    let file = write("tiny.onnx", Precision::F32);
-    let (from, sha256) = read_onnx_model(&file, &tiny_model()).unwrap();
+    let file = write("tiny.onnx", to_onnx_bytes(&run.model, Precision::F32, None).unwrap());
+    let (from, sha256) = read_onnx_model(&file).unwrap();
     assert_eq!(sha256.len(), 64);
+    assert_eq!(from.config, tiny_model());
+    assert_eq!(from.spec.provenance.loss.as_deref(), Some("mse"));
 
     // The new run's first weights are the file's: its validation loss is where the old run
     // ended, and exported again it is the same graph.
     let out = dir.path().join("run");
     let init = InitialWeights { file: file.clone(), sha256 };
     let config = TrainConfig { init: Some(init.clone()), ..tiny_config(Head::Softmax, true, 20) };
-    let mut trainer = Trainer::create_from(&out, config, &from).unwrap();
+    let mut trainer = Trainer::create_from(&out, config, tiny_model(), &from).unwrap();
     let val = trainer.evaluate(f64::NAN).unwrap().val_loss;
     assert!((val - run.last_val).abs() < 1e-4 * run.last_val, "{val} vs {}", run.last_val);
     let again = denoiser_graph(&TrainedModel::load(&out).unwrap(), Precision::F32, None).unwrap();
@@ -186,23 +189,56 @@ fn a_run_starts_from_an_exported_model_of_its_own_network_only() {
     trainer.run(|_| {}).unwrap();
     drop(trainer);
 
-    // Another network, another precision, other characters: refused, saying why.
-    let refused = |config: ModelConfig, file: &PathBuf, why: &str| {
-        let err = read_onnx_model(file, &config).err().expect("refused").to_string();
+    // What no weight shows is found too: the activation, and the head count of a network
+    // whose attention has no per-head bias.
+    for seed in 0..6 {
+        let activation = [Activation::Gelu, Activation::Silu][seed % 2];
+        let mut model = random_model(Head::Softmax, true, activation, seed as u64);
+        if model.config.attention_bias == AttentionBias::None {
+            model.config.heads = [4, 1][seed % 2];
+        }
+        let bytes = to_onnx_bytes(&model, Precision::F32, None).unwrap();
+        let (back, _) = read_onnx_model(&write("random.onnx", bytes)).unwrap();
+        assert_eq!(back.config, model.config);
+    }
+
+    // Another precision, an edited graph, other characters: refused, saying why.
+    let refused = |file: &PathBuf, why: &str| {
+        let err = read_onnx_model(file).err().expect("refused").to_string();
         assert!(err.contains(why), "{err}");
     };
-    refused(
-        ModelConfig { activation: Activation::Silu, ..tiny_model() },
-        &file,
-        "not the network of",
-    );
-    refused(ModelConfig { dim: 48, ffn: 96, ..tiny_model() }, &file, "not the network of");
-    refused(tiny_model(), &write("tiny.f16.onnx", Precision::F16), "f32 weights only");
+    let f16 = to_onnx_bytes(&run.model, Precision::F16, None).unwrap();
+    refused(&write("tiny.f16.onnx", f16), "f32 weights only");
+    let mut edited = denoiser_graph(&run.model, Precision::F32, None).unwrap();
+    let graph = edited.graph.as_mut().unwrap();
+    let i = graph.node.iter().position(|n| n.op_type == "Softmax").unwrap();
+    graph.node[i].op_type = "LogSoftmax".into();
+    refused(&write("edited.onnx", edited.encode_to_vec()), "or it was edited");
     let lower = dir.path().join("lower.txt");
     std::fs::write(&lower, std::fs::read_to_string(corpus()).unwrap().to_lowercase()).unwrap();
     let config = TrainConfig { corpus: lower, ..tiny_config(Head::Softmax, true, 20) };
-    let err = Trainer::create_from(&dir.path().join("lower"), config, &from).err().unwrap();
-    assert!(err.to_string().contains("the same characters"), "{err}");
+    let err = Trainer::create_from(&dir.path().join("lower"), config, tiny_model(), &from);
+    assert!(err.err().unwrap().to_string().contains("the same characters"));
+}
+
+#[test]
+fn a_run_grows_a_model_deeper_without_changing_what_it_computes() {
+    let run = trained();
+    let dir = tempfile::tempdir().unwrap();
+    let deeper = ModelConfig { layers: 4, ..tiny_model() };
+    let config = tiny_config(Head::Softmax, true, 20);
+    let mut trainer = Trainer::create_from(dir.path(), config.clone(), deeper, &run.model).unwrap();
+    let val = trainer.evaluate(f64::NAN).unwrap().val_loss;
+    assert!((val - run.last_val).abs() < 1e-4 * run.last_val, "{val} vs {}", run.last_val);
+    trainer.run(|_| {}).unwrap();
+    drop(trainer);
+    // The new blocks learn: their output projections leave zero.
+    let grown = &TrainedModel::load(dir.path()).unwrap().weights["blocks.3.mlp.down.w"];
+    assert!(grown.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    // Another width is not growth.
+    let wider = ModelConfig { dim: 64, ffn: 128, ..tiny_model() };
+    let err = Trainer::create_from(&dir.path().join("w"), config, wider, &run.model).err().unwrap();
+    assert!(err.to_string().contains("or that network with more layers"), "{err}");
 }
 
 #[test]

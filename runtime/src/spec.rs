@@ -27,6 +27,10 @@ pub struct Provenance {
     pub corpus_sha256: String,
     pub steps: u64,
     pub date: String,
+    /// The training loss (`mse` or `xent`), which a run starting from the file keeps (`train
+    /// --init-from`); files from before this field: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -212,6 +216,7 @@ pub(crate) mod tests {
                 corpus_sha256: "00".into(),
                 steps: 5,
                 date: "2026-11-28".into(),
+                loss: Some("xent".into()),
             },
             precision: Precision::F32,
         }

@@ -33,6 +33,16 @@ pub enum Loss {
     Xent,
 }
 
+impl Loss {
+    /// The name on the command line and in files (`Provenance::loss`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Mse => "mse",
+            Loss::Xent => "xent",
+        }
+    }
+}
+
 /// Which unit the self-conditioning coin is thrown for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -310,15 +320,26 @@ impl Trainer {
         Trainer::start(dir, config, model, dtype, None)
     }
 
-    /// Starts a new run in `dir` from the weights of a trained model (its network, a fresh
-    /// optimizer and schedule): longer training of a shipped model, or fine-tuning it on another
-    /// corpus with the same characters. `config.init` should name the model's file.
+    /// Starts a new run in `dir` from the weights of a trained model (a fresh optimizer and
+    /// schedule): longer training of a shipped model, or fine-tuning it on another corpus with
+    /// the same characters. `model` is the model's network, or that network grown deeper (its
+    /// new blocks start as the identity, `starting_params`). `config.init` should name the
+    /// model's file.
     pub fn create_from(
         dir: &Path,
         config: TrainConfig,
+        model: ModelConfig,
         from: &TrainedModel,
     ) -> Result<Trainer, TrainError> {
-        Trainer::start(dir, config, from.config.clone(), DType::F32, Some(from))
+        let deeper = ModelConfig { layers: model.layers, ..from.config.clone() };
+        if model != deeper || model.layers < from.config.layers {
+            return Err(TrainError::Config(format!(
+                "a run continues a model with its network, or that network with more layers \
+                 ({model:?} from {:?})",
+                from.config
+            )));
+        }
+        Trainer::start(dir, config, model, DType::F32, Some(from))
     }
 
     fn start(
@@ -354,6 +375,7 @@ impl Trainer {
                 corpus_sha256: corpus.sha256.clone(),
                 steps: 0,
                 date: today(),
+                loss: Some(config.loss.name().into()),
             },
             precision: Precision::F32,
         };
@@ -605,6 +627,8 @@ impl Trainer {
     /// Saves the spec and the full training state.
     pub fn save(&mut self) -> Result<(), TrainError> {
         self.spec.provenance.steps = self.step();
+        // Runs started before the loss was recorded get it at their next checkpoint.
+        self.spec.provenance.loss = Some(self.config.loss.name().into());
         let mut tensors = std::collections::BTreeMap::new();
         for (name, var) in self.params.vars() {
             tensors.insert(format!("{PARAMS}{name}"), var.as_tensor().clone());
@@ -854,6 +878,7 @@ fn starting_params(
             format!("{:?} x {}", spec.code, spec.bit_scale),
         ),
         ("head", format!("{:?}", other.head), format!("{:?}", spec.head)),
+        ("schedule", format!("{:?}", other.schedule), format!("{:?}", spec.schedule)),
         (
             "self-conditioning",
             other.self_conditioning.to_string(),
@@ -864,11 +889,23 @@ fn starting_params(
     if let Some((what, theirs, ours)) = pairs.into_iter().find(|(_, a, b)| a != b) {
         return Err(differs(what, theirs, ours));
     }
+    // Blocks past the starting model's (a run that grows it deeper) start as the identity:
+    // zero output projections, so the grown network computes what the file's did, and fresh
+    // weights inside, which learn once the projections have grown.
+    let grown = |name: &str| {
+        let block = name.strip_prefix("blocks.").and_then(|rest| rest.split('.').next());
+        block.and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i >= from.config.layers)
+    };
     let weights = fresh
         .vars()
         .iter()
         .map(|(name, var)| match from.weights.get(name) {
             Some(w) if w.dims() == var.dims() => Ok((name.clone(), w.to_dtype(var.dtype())?)),
+            None if grown(name) => {
+                let output = name.ends_with(".attn.out.w") || name.ends_with(".mlp.down.w");
+                let w = var.as_tensor();
+                Ok((name.clone(), if output { w.zeros_like()? } else { w.copy()? }))
+            }
             _ => Err(TrainError::Config(format!(
                 "the starting model has no weight `{name}` of shape {:?}: it is another network",
                 var.dims()

@@ -32,6 +32,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
             corpus_sha256: String::new(),
             steps: 0,
             date: String::new(),
+            loss: None,
         },
         precision: Precision::F32,
     }

@@ -26,6 +26,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
             corpus_sha256: String::new(),
             steps: 0,
             date: String::new(),
+            loss: None,
         },
         precision: Precision::F32,
     }
