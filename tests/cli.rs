@@ -93,12 +93,25 @@ fn train_export_sample_and_resume_through_the_cli() {
     fails_with(&[&args[..], &["--dim", "64"]].concat(), "--dim 64 contradicts");
     fails_with(&[&args[..], &["--window", "32"]].concat(), "only with the same window");
     fails_with(&[&args[..], &["--schedule", "sqrt"]].concat(), "only with the same schedule");
-    // Files from before the loss was recorded (the shipped default model) need --loss.
-    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx");
-    let args = ["train", "--corpus", s(&c), "--out", s(&again), "--init-from", s(&shipped)];
+    // Files from before the loss was recorded need --loss: the same file with the field's name
+    // changed in place (same length, so the protobuf stays valid; unknown names are ignored).
+    let bytes = std::fs::read(&model).unwrap();
+    let key = br#""loss":"mse""#;
+    let at = bytes.windows(key.len()).position(|w| w == key).expect("the loss recorded");
+    let mut older = bytes.clone();
+    older[at..at + key.len()].copy_from_slice(br#""lost":"mse""#);
+    let older_file = dir.path().join("older.onnx");
+    std::fs::write(&older_file, older).unwrap();
+    let args = ["train", "--corpus", s(&c), "--out", s(&again), "--init-from", s(&older_file)];
     fails_with(&args, "pass --loss mse or --loss xent");
-    fails_with(&[&args[..], &["--loss", "xent"]].concat(), "the same characters");
-    assert!(!again.exists(), "a refused run leaves nothing behind");
+    let out = chardiff(&[&args[..], &["--loss", "mse", "--steps", "1", "--batch", "8"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Another corpus's characters are refused, and a refused run leaves nothing behind.
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/default.onnx");
+    let other = dir.path().join("other");
+    let args = ["train", "--corpus", s(&c), "--out", s(&other), "--init-from", s(&shipped)];
+    fails_with(&args, "the same characters");
+    assert!(!other.exists(), "a refused run leaves nothing behind");
 
     let out =
         chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);

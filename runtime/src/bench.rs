@@ -98,11 +98,22 @@ pub fn max_x0_difference<A: Denoiser + ?Sized, B: Denoiser + ?Sized>(
     batch: usize,
     seed: u64,
 ) -> Result<f32, BoxError> {
+    Ok(x0_differences(a, b, batch, seed)?.into_iter().fold(0.0, f32::max))
+}
+
+/// Every |x0| difference (one per position and bit) between two denoisers of the same spec
+/// over one random batch.
+pub fn x0_differences<A: Denoiser + ?Sized, B: Denoiser + ?Sized>(
+    a: &mut A,
+    b: &mut B,
+    batch: usize,
+    seed: u64,
+) -> Result<Vec<f32>, BoxError> {
     let data = RandomBatch::new(a.spec(), batch, seed);
     let (mut x, mut y) = (data.output(), data.output());
     a.denoise(&data.input(), &mut x)?;
     b.denoise(&data.input(), &mut y)?;
-    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max))
+    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).abs()).collect())
 }
 
 /// Linear interpolation between the closest ranks of sorted values.
