@@ -295,7 +295,7 @@ fn block<O: Ops>(
         }
     };
     let mixed = o.attention(&qkv, bias.as_ref(), Heads { l, heads, dh })?;
-    let attended = linear(o, &format!("{name}.attn.out"), &mixed, d, d, out_std)?;
+    let attended = linear(o, &format!("{name}.{ATTENTION_OUT}"), &mixed, d, d, out_std)?;
     let h = o.add(h, &attended)?;
 
     let m = layer_norm(o, &format!("{name}.ln2"), &h, d)?;
@@ -304,7 +304,7 @@ fn block<O: Ops>(
         Activation::Gelu => o.gelu_tanh(&m)?,
         Activation::Silu => o.silu(&m)?,
     };
-    let m = linear(o, &format!("{name}.mlp.down"), &m, config.ffn, d, out_std)?;
+    let m = linear(o, &format!("{name}.{MLP_DOWN}"), &m, config.ffn, d, out_std)?;
     o.add(&h, &m)
 }
 
@@ -341,4 +341,14 @@ fn layer_norm<O: Ops>(o: &mut O, name: &str, x: &O::T, d: usize) -> Result<O::T,
 /// Parameters that get no weight decay: biases, norms, position embeddings.
 pub fn decays(name: &str) -> bool {
     name.ends_with(".w") && !name.contains("ln")
+}
+
+/// The two projections that write a block's branches into the residual stream.
+const ATTENTION_OUT: &str = "attn.out";
+const MLP_DOWN: &str = "mlp.down";
+
+/// Whether `name` is a weight matrix writing a block's branch into the residual stream: with
+/// it zero, the block computes the identity.
+pub fn writes_residual(name: &str) -> bool {
+    [ATTENTION_OUT, MLP_DOWN].iter().any(|p| name.ends_with(&format!(".{p}.w")))
 }

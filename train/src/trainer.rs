@@ -902,9 +902,9 @@ fn starting_params(
         .map(|(name, var)| match from.weights.get(name) {
             Some(w) if w.dims() == var.dims() => Ok((name.clone(), w.to_dtype(var.dtype())?)),
             None if grown(name) => {
-                let output = name.ends_with(".attn.out.w") || name.ends_with(".mlp.down.w");
                 let w = var.as_tensor();
-                Ok((name.clone(), if output { w.zeros_like()? } else { w.copy()? }))
+                let identity = model::writes_residual(name);
+                Ok((name.clone(), if identity { w.zeros_like()? } else { w.copy()? }))
             }
             _ => Err(TrainError::Config(format!(
                 "the starting model has no weight `{name}` of shape {:?}: it is another network",
