@@ -1,5 +1,5 @@
 //! Criterion benches: one denoising step of the shipped model per precision (f32, f16 weights,
-//! int8) and batch size (tract, CPU, one thread), the full sampling loop, and one training step
+//! int8; named `-as-f32` where this CPU computes them in f32) and batch size (tract, CPU, one thread), the full sampling loop, and one training step
 //! of the same architecture (candle). `cargo bench --bench denoise`; `chardiff bench` reports the
 //! same step figures from the CLI. With `--features ort` (and ORT_DYLIB_PATH set) the step group
 //! runs onnxruntime on the same files beside tract, one thread each.
@@ -36,7 +36,12 @@ fn step(c: &mut Criterion) {
         };
         for batch in [1usize, 8, 64] {
             group.throughput(Throughput::Elements(batch as u64 * window));
-            let id = BenchmarkId::new(format!("tract-{precision}"), batch);
+            // What the file computes in here, where it is not its weights' precision (f16 and
+            // int8 weights widened to f32 on CPUs without native fp16 or int8 dot products).
+            let compute = tract.compute().to_string();
+            let arithmetic =
+                if compute == precision { String::new() } else { format!("-as-{compute}") };
+            let id = BenchmarkId::new(format!("tract-{precision}{arithmetic}"), batch);
             group.bench_with_input(id, &batch, |b, &batch| {
                 b.iter(|| step_latency(&mut tract, batch, 0, 1).unwrap())
             });

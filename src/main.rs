@@ -210,8 +210,10 @@ struct SamplingFlags {
     /// The weight precision the model file must have (f32, f16 or int8); another is refused.
     #[arg(long, value_parser = enum_arg::<Precision>)]
     precision: Option<Precision>,
-    /// Arithmetic, f32 or f16 [default: f16 only for f16 weights on a CPU with native fp16
-    /// (aarch64 FEAT_FP16); elsewhere tract's f16 is scalar code, tens of times slower].
+    /// Arithmetic: f32, f16 (f32 and f16 files) or int8 (int8 files) [default: f16 only for f16
+    /// weights on a CPU with native fp16 (aarch64 FEAT_FP16), int8 products only on a CPU with
+    /// int8 dot products (AVX512-VNNI, AVX-VNNI, dotprod); elsewhere tract emulates both, tens
+    /// of times slower, so f32 from the weights widened at load].
     #[arg(long, value_parser = enum_arg::<Precision>)]
     compute: Option<Precision>,
     /// CPU threads per network call [default: the cores available].
@@ -298,32 +300,39 @@ impl SamplingFlags {
         Ok(net)
     }
 
-    /// Says what int8 and f16 weights run on here.
+    /// Says what f16 and int8 weights compute in here, and why.
     fn announce(&self, net: &TractDenoiser) {
-        let stored = net.spec().precision;
-        if stored == Precision::Int8 {
-            match int8_dot_product() {
-                Some(feature) => eprintln!("note: int8 matrix products on {feature} kernels"),
-                None => eprintln!(
-                    "warning: this CPU has no int8 dot-product instructions (VNNI, AVX-VNNI or \
-                     dotprod): tract emulates int8 matrix products here, far slower than f32; \
-                     prefer the f32 file"
-                ),
+        let (stored, compute) = (net.spec().precision, net.compute());
+        let mut level = "note";
+        let why = match (stored, compute) {
+            (Precision::F32, Precision::F32) => return,
+            (Precision::Int8, Precision::Int8) => match int8_dot_product() {
+                Some(feature) => format!("int8 matrix products on {feature} kernels"),
+                None => {
+                    level = "warning";
+                    "forced by --compute int8: this CPU has no int8 dot-product instructions \
+                     (VNNI, AVX-VNNI or dotprod), so tract emulates int8 matrix products, tens of \
+                     times slower than f32"
+                        .into()
+                }
+            },
+            (Precision::Int8, _) if int8_dot_product().is_some() => {
+                "forced by --compute f32".into()
             }
-        }
-        if stored == Precision::F16 || net.compute() == Precision::F16 {
-            let why = match (net.compute(), native_f16()) {
-                (Precision::F16, true) => "this CPU has native fp16 arithmetic",
-                (Precision::F16, false) => "forced by --compute f16: scalar code here, slow",
-                (_, true) => "forced by --compute f32",
-                (_, false) => "the weights are widened at load: no native fp16 here",
-            };
-            eprintln!(
-                "note: {} weights, computing in {} ({why})",
-                enum_name(stored),
-                enum_name(net.compute())
-            );
-        }
+            (Precision::Int8, _) => "the weights are widened at load and the activations not \
+                quantized, since this CPU has no int8 dot-product instructions: VNNI, AVX-VNNI or \
+                dotprod"
+                .into(),
+            (_, Precision::F16) if native_f16() => "this CPU has native fp16 arithmetic".into(),
+            (_, Precision::F16) => "forced by --compute f16: scalar code here, slow".into(),
+            (_, _) if native_f16() => "forced by --compute f32".into(),
+            (_, _) => "the weights are widened at load: no native fp16 here".into(),
+        };
+        eprintln!(
+            "{level}: {} weights, computing in {} ({why})",
+            enum_name(stored),
+            enum_name(compute)
+        );
     }
 
     /// The model, with its plan prepared for `n` sequences (which, with `--device auto`,

@@ -143,14 +143,23 @@ fn train_export_sample_and_resume_through_the_cli() {
     let int8 = dir.path().join("m.int8.onnx");
     let out = chardiff(&["export", s(&run), "--out", s(&int8), "--precision", "int8"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = chardiff(&["sample", "--model", s(&int8), "-n", "3", "--steps", "10", "--seed", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
+    // Either arithmetic, each saying what it does.
+    for (compute, says) in
+        [("int8", "computing in int8"), ("f32", "int8 weights, computing in f32")]
+    {
+        let args =
+            ["sample", "--model", s(&int8), "-n", "3", "--steps", "10", "--compute", compute];
+        let out = chardiff(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.contains(says), "{stderr}");
+        assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
+    }
     fails_with(
         &["sample", "--model", s(&model), "--precision", "int8"],
         "stores f32 weights, not int8",
     );
-    fails_with(&["sample", "--model", s(&int8), "--compute", "int8"], "arithmetic (--compute)");
+    fails_with(&["sample", "--model", s(&model), "--compute", "int8"], "stores f32 weights");
+    fails_with(&["sample", "--model", s(&int8), "--compute", "f16"], "does not apply");
     fails_with(
         &["export", s(&run), "--out", s(&nnef), "--format", "nnef", "--precision", "int8"],
         "keep int8 models as ONNX",

@@ -343,16 +343,28 @@ fn int8_files_are_smaller_stay_close_to_f32_and_refuse_what_does_not_apply() {
     eprintln!("int8 file: {} bytes, {ratio:.2} of f32", int8_file.len());
     assert!(ratio < 0.6, "{ratio}");
     let mut reference = TractDenoiser::from_bytes(&f32_file).unwrap();
-    let mut int8 = TractDenoiser::from_bytes(&int8_file).unwrap();
-    assert_eq!(int8.spec().precision, Precision::Int8);
-    let diff = max_x0_difference(&mut reference, &mut int8, 3, 1).unwrap();
-    eprintln!("int8: max |x0 diff| vs f32 = {diff:.2e}");
-    assert!(diff <= 0.1, "{diff}");
-
+    // int8 products (emulated where the CPU lacks int8 dot products), and f32 products of the
+    // widened weights (the default there); they compute differently and both stay close.
     let cpu = chardiff_runtime::tract::Device::Cpu;
-    let compute = |p| TractDenoiser::from_bytes_with(&int8_file, cpu, Some(p)).err();
-    assert!(matches!(compute(Precision::Int8), Some(LoadError::ComputeInt8)));
-    assert!(matches!(compute(Precision::F16), Some(LoadError::Int8InF16)));
+    let compute = |p| TractDenoiser::from_bytes_with(&int8_file, cpu, Some(p));
+    let (mut int8, mut widened) =
+        (compute(Precision::Int8).unwrap(), compute(Precision::F32).unwrap());
+    assert_eq!(int8.spec().precision, Precision::Int8);
+    assert_eq!((int8.compute(), widened.compute()), (Precision::Int8, Precision::F32));
+    let default = TractDenoiser::from_bytes(&int8_file).unwrap().compute();
+    let fast_int8 = chardiff_runtime::tract::int8_dot_product().is_some();
+    assert_eq!(default, if fast_int8 { Precision::Int8 } else { Precision::F32 });
+    for (what, net, limit) in [("int8 products", &mut int8, 0.1), ("widened", &mut widened, 0.1)] {
+        let diff = max_x0_difference(&mut reference, net, 3, 1).unwrap();
+        eprintln!("{what}: max |x0 diff| vs f32 = {diff:.2e}");
+        assert!(diff <= limit, "{what}: {diff}");
+    }
+    let between = max_x0_difference(&mut int8, &mut widened, 3, 1).unwrap();
+    assert!(between > 1e-4, "widening left the int8 products in place: {between}");
+
+    let f32_compute = |p| TractDenoiser::from_bytes_with(&f32_file, cpu, Some(p)).err();
+    assert!(matches!(f32_compute(Precision::Int8), Some(LoadError::ComputeInt8(Precision::F32))));
+    assert!(matches!(compute(Precision::F16).err(), Some(LoadError::Int8InF16)));
     assert!(matches!(onnx_to_nnef(&int8_file), Err(LoadError::NnefNotF32(Precision::Int8))));
     let short = calibrate(&model, b"the garden");
     assert!(matches!(short, Err(CalibrationError::TooShort { found: 10, needed: 24 })));
@@ -365,8 +377,9 @@ fn int8_files_are_smaller_stay_close_to_f32_and_refuse_what_does_not_apply() {
 #[test]
 fn the_shipped_f16_and_int8_files_are_the_default_model_and_stay_close_to_it() {
     let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
-    let load = |file: &str| TractDenoiser::load(&models.join(file)).unwrap();
-    let mut reference = load("default.onnx");
+    let cpu = chardiff_runtime::tract::Device::Cpu;
+    let load = |file: &str, compute| TractDenoiser::load_with(&models.join(file), cpu, compute);
+    let mut reference = load("default.onnx", None).unwrap();
     // x0 lies in [-1, 1]. Over random inputs (wider than the calibration's) int8 moves single
     // values far where the sharp cross-entropy-trained head sits near a tie of two characters
     // (a small change of the logits flips an expected bit; the head's own product stays f32):
@@ -374,12 +387,14 @@ fn the_shipped_f16_and_int8_files_are_the_default_model_and_stay_close_to_it() {
     // 0.31 and 0.30 after the second to fourth stages, 0.42 on the 6-layer model, while the
     // mean move stayed at 0.015 (fourth stage and 6-layer model). So int8 is held to twice
     // that mean, and its max only to a bound on nonsense; where measured, int8 sampled within
-    // about a point of f32's word rate (BENCHMARKS.md).
-    for (file, precision, max_limit, mean_limit) in [
-        ("default.f16.onnx", Precision::F16, 1e-2, 1e-3),
-        ("default.int8.onnx", Precision::Int8, 0.6, 0.03),
+    // about a point of f32's word rate (BENCHMARKS.md). Widened to f32 (the activations not
+    // quantized) the int8 file moved x0 by 0.091 at most, 0.0057 on average.
+    for (file, precision, compute, max_limit, mean_limit) in [
+        ("default.f16.onnx", Precision::F16, None, 1e-2, 1e-3),
+        ("default.int8.onnx", Precision::Int8, Some(Precision::Int8), 0.6, 0.03),
+        ("default.int8.onnx", Precision::Int8, Some(Precision::F32), 0.2, 0.012),
     ] {
-        let mut net = load(file);
+        let mut net = load(file, compute).unwrap();
         let spec = net.spec().clone();
         assert_eq!(spec.precision, precision);
         let same = chardiff_runtime::ModelSpec { precision: Precision::F32, ..spec };
@@ -391,7 +406,7 @@ fn the_shipped_f16_and_int8_files_are_the_default_model_and_stay_close_to_it() {
         let diffs = x0_differences(&mut reference, &mut net, 8, 1).unwrap();
         let max = diffs.iter().copied().fold(0.0, f32::max);
         let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-        eprintln!("{file}: |x0 diff| vs f32: max {max:.2e}, mean {mean:.2e}");
+        eprintln!("{file} ({}): |x0 diff| vs f32: max {max:.2e}, mean {mean:.2e}", net.compute());
         assert!(max <= max_limit && mean <= mean_limit, "{file}: max {max}, mean {mean}");
     }
 }

@@ -86,7 +86,8 @@ pub enum Precision {
     F16,
     /// Weight matrices in int8 (per output column scales), the activations multiplied by them
     /// quantized to u8 with calibrated constant scales: the matrix products run on int8 kernels,
-    /// everything else in f32.
+    /// everything else in f32. On CPUs without int8 dot products the runtime widens the weights
+    /// to f32 at load instead (third of the file, f32 speed).
     Int8,
 }
 

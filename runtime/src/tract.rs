@@ -53,10 +53,12 @@ pub enum LoadError {
     Contract(String),
     #[error("NNEF archives are written from f32 models only (tract folds f16 weights to f32 when it prepares a graph, and its NNEF writer has no form for ONNX's quantize operator): keep {0} models as ONNX")]
     NnefNotF32(Precision),
-    #[error("arithmetic (--compute) is f32 or f16: int8 is how a file stores its weights (`chardiff export --precision int8`), and such a file runs its matrix products in int8 by itself")]
-    ComputeInt8,
-    #[error("an int8 model computes in f32 around its int8 matrix products: --compute f16 does not apply to it")]
+    #[error("--compute int8 runs a file's int8 matrix products, and this file stores {0} weights: export the run with `chardiff export --precision int8`")]
+    ComputeInt8(Precision),
+    #[error("an int8 model computes its matrix products in int8, or in f32 from its widened weights (--compute int8 or f32): --compute f16 does not apply to it")]
     Int8InF16,
+    #[error("cannot widen this file's int8 matrix products to f32 ({0}): run them in int8 with --compute int8")]
+    NotWidenable(String),
     #[error("tract could not prepare the graph: {0}")]
     Tract(String),
     #[error("the graph's batch axis is not the `{BATCH_SYMBOL}` symbol")]
@@ -89,7 +91,8 @@ pub struct TractDenoiser {
     pool: Option<matmul_pool::Pool>,
     /// Asked for until the first plan is prepared, then where the network runs.
     device: Device,
-    /// What the network computes in: inputs and outputs are converted at the boundary.
+    /// What the network computes in (`arithmetic`); for f16, inputs and outputs are converted
+    /// at the boundary.
     compute: Precision,
     /// Why `Device::Auto` fell back to the CPU.
     fallback: Option<String>,
@@ -207,6 +210,24 @@ pub fn int8_dot_product() -> Option<&'static str> {
     None
 }
 
+/// The arithmetic a file with `stored` weights runs in: the one `asked` for where it applies,
+/// else what is fast on this CPU. f16 weights compute in f16 only with native fp16, int8 files
+/// run their matrix products in int8 only with int8 dot products; otherwise in f32, the f16 or
+/// int8 weights widened once at load (tract's f16 is scalar code and its emulated int8 17-34x
+/// slower than f32 on such CPUs, BENCHMARKS.md).
+pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
+    match (asked, stored) {
+        (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
+            Err(LoadError::ComputeInt8(stored))
+        }
+        (Some(Precision::F16), Precision::Int8) => Err(LoadError::Int8InF16),
+        (Some(asked), _) => Ok(asked),
+        (None, Precision::F16) if native_f16() => Ok(Precision::F16),
+        (None, Precision::Int8) if int8_dot_product().is_some() => Ok(Precision::Int8),
+        (None, _) => Ok(Precision::F32),
+    }
+}
+
 /// Whether this CPU has native fp16 arithmetic (aarch64 FEAT_FP16) that tract's kernels use.
 /// Elsewhere tract computes f16 in scalar code, tens of times slower than f32.
 pub fn native_f16() -> bool {
@@ -241,22 +262,14 @@ impl TractDenoiser {
         TractDenoiser::from_bytes_with(bytes, device, None)
     }
 
-    /// `compute`: f32 or f16 arithmetic; by default f16 only for f16 weights on a CPU with
-    /// native fp16, otherwise f32 (f16 weights are then widened once, when a plan is prepared).
-    /// Nothing is prepared yet: see `prepare`.
+    /// `compute`: the arithmetic (see `arithmetic`), by default what is fast here for the
+    /// file's weights. Nothing is prepared yet: see `prepare`.
     pub fn from_bytes_with(
         bytes: &[u8],
         device: Device,
         compute: Option<Precision>,
     ) -> Result<TractDenoiser, LoadError> {
-        let (spec, mut model) = typed_model(bytes)?;
-        match (compute, spec.precision) {
-            (Some(Precision::Int8), _) => return Err(LoadError::ComputeInt8),
-            (Some(Precision::F16), Precision::Int8) => return Err(LoadError::Int8InF16),
-            _ => {}
-        }
-        let native = spec.precision == Precision::F16 && native_f16();
-        let compute = compute.unwrap_or(if native { Precision::F16 } else { Precision::F32 });
+        let (spec, mut model, compute) = typed_model(bytes, compute)?;
         if compute == Precision::F16 {
             let to_f16 = tract_nnef::tract_core::transform::get_transform("f32_to_f16")
                 .map_err(tract_error)?
@@ -563,8 +576,13 @@ fn nnef_reader() -> tract_nnef::internal::Nnef {
 }
 
 /// Reads either format into the spec and the typed graph, checked against the contract.
-fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
-    let (spec, model) = match Format::of(bytes) {
+/// The file's spec, its graph as tract reads it, and the arithmetic `asked` for or chosen
+/// (`arithmetic`): an int8 file computed in f32 has its products widened as it is read.
+fn typed_model(
+    bytes: &[u8],
+    asked: Option<Precision>,
+) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
+    let (spec, model, compute) = match Format::of(bytes) {
         Format::Nnef => {
             let model = nnef_reader()
                 .model_for_read(&mut &bytes[..])
@@ -574,19 +592,21 @@ fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
             let props: Vec<(&str, String)> =
                 model.properties.iter().filter_map(|(k, v)| Some((k.as_str(), text(v)?))).collect();
             let spec = ModelSpec::from_metadata(props.iter().map(|(k, v)| (*k, v.as_str())))?;
-            (spec, model)
+            // NNEF archives are written from f32 models only (`onnx_to_nnef`).
+            let compute = arithmetic(spec.precision, asked)?;
+            (spec, model, compute)
         }
-        Format::Onnx => onnx::typed_model(bytes)?,
+        Format::Onnx => onnx::typed_model(bytes, asked)?,
     };
     check_contract(&model, &spec)?;
-    Ok((spec, model))
+    Ok((spec, model, compute))
 }
 
 /// Converts an ONNX model to tract's NNEF archive: the same graph, decluttered, with the spec as
 /// model properties (`chardiff.*`), with fixed timestamps in the tar.
 #[cfg(feature = "onnx")]
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let (spec, model) = typed_model(onnx_bytes)?;
+    let (spec, model, _) = typed_model(onnx_bytes, Some(Precision::F32))?;
     if spec.precision != Precision::F32 {
         return Err(LoadError::NnefNotF32(spec.precision));
     }
@@ -602,32 +622,110 @@ pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
 
 #[cfg(feature = "onnx")]
 mod onnx {
-    use super::{tract_error, LoadError};
-    use crate::spec::ModelSpec;
+    use super::{arithmetic, tract_error, LoadError};
+    use crate::spec::{ModelSpec, Precision};
+    use std::collections::HashSet;
+    use tract_onnx::pb::{tensor_proto::DataType, GraphProto, NodeProto, TensorProto};
     use tract_onnx::prelude::*;
+    use tract_onnx::tract_core::internal::{bail, ensure, TractErrorContext};
 
-    pub fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+    pub fn typed_model(
+        bytes: &[u8],
+        asked: Option<Precision>,
+    ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         let onnx = tract_onnx::onnx();
-        let proto = onnx
+        let mut proto = onnx
             .proto_model_for_read(&mut &bytes[..])
             .map_err(|e| LoadError::NotOnnx(format!("{e:#}")))?;
         let spec = ModelSpec::from_metadata(
             proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())),
         )?;
+        let compute = arithmetic(spec.precision, asked)?;
+        if spec.precision == Precision::Int8 && compute == Precision::F32 {
+            let graph = proto.graph.as_mut().ok_or(LoadError::NotOnnx("no graph".into()))?;
+            widen_int8(graph, &onnx).map_err(|e| LoadError::NotWidenable(format!("{e:#}")))?;
+        }
         let model =
             onnx.model_for_proto_model(&proto).and_then(|m| m.into_typed()).map_err(tract_error)?;
-        Ok((spec, model))
+        Ok((spec, model, compute))
+    }
+
+    /// Rewrites the int8 products of an int8 file as f32 products of its widened weights, for
+    /// CPUs where tract emulates int8. The export writes x W as `Cast(MatMulInteger(
+    /// QuantizeLinear(x, s_x, z), W_q, z)) * (s_x s_w)`; each `MatMulInteger` becomes `MatMul(x,
+    /// W_q / s_x)`, so that the scaling after it gives x (W_q s_w): the file's weights, the
+    /// activations no longer quantized. What nothing reads any more is dropped.
+    fn widen_int8(graph: &mut GraphProto, onnx: &tract_onnx::Onnx) -> TractResult<()> {
+        let constant = |name: &str| -> TractResult<(Vec<i64>, Tensor)> {
+            let proto = graph.initializer.iter().find(|t| t.name == name);
+            let proto = proto.with_context(|| format!("{name} is not a constant"))?;
+            Ok((proto.dims.clone(), tract_onnx::tensor::load_tensor(&*onnx.provider, proto, None)?))
+        };
+        let mut widened = vec![];
+        for (i, node) in graph.node.iter().enumerate() {
+            if node.op_type != "MatMulInteger" {
+                continue;
+            }
+            let [x_q, w_q, _] = &node.input[..] else {
+                bail!("{} has a weight zero point, or lacks the activation's", node.name)
+            };
+            let quantize = graph.node.iter().find(|n| n.output.first() == Some(x_q));
+            let Some([x, x_scale, _]) = quantize
+                .filter(|n| n.op_type == "QuantizeLinear")
+                .and_then(|n| <&[String; 3]>::try_from(&n.input[..]).ok())
+            else {
+                bail!("{} does not multiply a quantized f32 activation", node.name)
+            };
+            let s_x = constant(x_scale)?.1.cast_to_scalar::<f32>()?;
+            let (dims, w) = constant(w_q)?;
+            ensure!(w.datum_type() == i8::datum_type(), "{w_q} is not an int8 constant");
+            let w = w.cast_to::<f32>()?;
+            let w = w.to_plain_array_view::<f32>()?;
+            let raw_data = w.iter().flat_map(|v| (v / s_x).to_le_bytes()).collect();
+            widened.push((i, x.clone(), format!("{w_q}.widened"), dims, raw_data));
+        }
+        for (i, x, name, dims, raw_data) in widened {
+            graph.initializer.push(TensorProto {
+                name: name.clone(),
+                dims,
+                data_type: DataType::Float as i32,
+                raw_data,
+                ..Default::default()
+            });
+            let node = &mut graph.node[i];
+            node.op_type = "MatMul".into();
+            node.input = vec![x, name];
+            node.attribute.clear();
+        }
+        // The QuantizeLinear nodes, then the int8 weights and the activations' zero points.
+        loop {
+            let read: HashSet<&String> = graph
+                .node
+                .iter()
+                .flat_map(|n| &n.input)
+                .chain(graph.output.iter().map(|o| &o.name))
+                .collect();
+            let unread = |n: &NodeProto| n.output.iter().all(|o| !read.contains(o));
+            let Some(dead) = graph.node.iter().position(unread) else { break };
+            graph.node.remove(dead);
+        }
+        let read: HashSet<String> = graph.node.iter().flat_map(|n| n.input.clone()).collect();
+        graph.initializer.retain(|t| read.contains(&t.name));
+        Ok(())
     }
 }
 
 #[cfg(not(feature = "onnx"))]
 mod onnx {
     use super::LoadError;
-    use crate::spec::ModelSpec;
+    use crate::spec::{ModelSpec, Precision};
     use tract_nnef::prelude::TypedModel;
 
     /// ONNX protobuf starts with field 1 (`ir_version`, a varint: tag byte 0x08).
-    pub fn typed_model(bytes: &[u8]) -> Result<(ModelSpec, TypedModel), LoadError> {
+    pub fn typed_model(
+        bytes: &[u8],
+        _: Option<Precision>,
+    ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         if bytes.first() == Some(&0x08) {
             Err(LoadError::OnnxNotBuilt)
         } else {
