@@ -509,7 +509,7 @@ mod bench {
     use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
     use chardiff_runtime::tract::{gemm_peak_gflops, Device, Parallelism};
-    use chardiff_runtime::Denoiser;
+    use chardiff_runtime::{Denoiser, Precision};
     use serde::Serialize;
     use std::time::Instant;
 
@@ -600,6 +600,9 @@ mod bench {
     #[derive(Serialize)]
     struct Report {
         model: String,
+        /// The file's weights, and what tract computes in (`tract::arithmetic`).
+        precision: Precision,
+        compute: Precision,
         device: String,
         threads: usize,
         parallelism: Parallelism,
@@ -702,6 +705,8 @@ mod bench {
         }
         let report = Report {
             model: args.sampling.model_name(),
+            precision: net.spec().precision,
+            compute: net.compute(),
             device: format!("{:?}", net.device()).to_lowercase(),
             threads: net.threads().0,
             parallelism: net.threads().1,
@@ -719,8 +724,11 @@ mod bench {
             return Ok(());
         }
         println!(
-            "{} on {}, {} thread(s), parallelism {}{}: read in {:.1} ms{}",
+            "{} ({} weights, {} arithmetic) on {}, {} thread(s), parallelism {}{}: read in {:.1} \
+             ms{}",
             report.model,
+            report.precision,
+            report.compute,
             report.device,
             report.threads,
             enum_name(report.parallelism),

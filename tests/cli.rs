@@ -154,6 +154,10 @@ fn train_export_sample_and_resume_through_the_cli() {
         assert!(out.status.success() && stderr.contains(says), "{stderr}");
         assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);
     }
+    let args = ["bench", "--model", s(&int8), "--compute", "f32", "--batch", "1", "--no-full"];
+    let bench = chardiff(&[&args[..], &["--iterations", "2", "--json"]].concat());
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
+    assert_eq!((&report["precision"], &report["compute"]), (&"int8".into(), &"f32".into()));
     fails_with(
         &["sample", "--model", s(&model), "--precision", "int8"],
         "stores f32 weights, not int8",

@@ -575,9 +575,9 @@ fn nnef_reader() -> tract_nnef::internal::Nnef {
     }
 }
 
-/// Reads either format into the spec and the typed graph, checked against the contract.
-/// The file's spec, its graph as tract reads it, and the arithmetic `asked` for or chosen
-/// (`arithmetic`): an int8 file computed in f32 has its products widened as it is read.
+/// Reads either format into the spec and the typed graph, checked against the contract, and
+/// the arithmetic `asked` for or chosen (`arithmetic`): an int8 file computed in f32 has its
+/// products widened as it is read.
 fn typed_model(
     bytes: &[u8],
     asked: Option<Precision>,
@@ -666,16 +666,21 @@ mod onnx {
             if node.op_type != "MatMulInteger" {
                 continue;
             }
-            let [x_q, w_q, _] = &node.input[..] else {
+            let [x_q, w_q, zero] = &node.input[..] else {
                 bail!("{} has a weight zero point, or lacks the activation's", node.name)
             };
             let quantize = graph.node.iter().find(|n| n.output.first() == Some(x_q));
-            let Some([x, x_scale, _]) = quantize
+            let Some([x, x_scale, x_zero]) = quantize
                 .filter(|n| n.op_type == "QuantizeLinear")
                 .and_then(|n| <&[String; 3]>::try_from(&n.input[..]).ok())
             else {
                 bail!("{} does not multiply a quantized f32 activation", node.name)
             };
+            ensure!(
+                constant(zero)?.1 == constant(x_zero)?.1,
+                "{} subtracts another zero point than its activation's",
+                node.name
+            );
             let s_x = constant(x_scale)?.1.cast_to_scalar::<f32>()?;
             let (dims, w) = constant(w_q)?;
             ensure!(w.datum_type() == i8::datum_type(), "{w_q} is not an int8 constant");
