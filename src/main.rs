@@ -1256,7 +1256,8 @@ mod train {
                 None => None,
                 Some(file) => {
                     let (model, sha256) = chardiff_export::read_onnx_model(file)?;
-                    Some((model, InitialWeights { file: file.clone(), sha256 }))
+                    let steps = model.spec.provenance.steps;
+                    Some((model, InitialWeights { file: file.clone(), sha256, steps }))
                 }
             };
             let start = from.as_ref().map(|(model, _)| model);

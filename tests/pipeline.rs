@@ -176,7 +176,9 @@ fn a_run_starts_from_an_exported_model_and_takes_its_network_from_the_file() {
     // The new run's first weights are the file's: its validation loss is where the old run
     // ended, and exported again it is the same graph.
     let out = dir.path().join("run");
-    let init = InitialWeights { file: file.clone(), sha256 };
+    let steps = from.spec.provenance.steps;
+    assert!(steps > 0);
+    let init = InitialWeights { file: file.clone(), sha256, steps };
     let config = TrainConfig { init: Some(init.clone()), ..tiny_config(Head::Softmax, true, 20) };
     let mut trainer = Trainer::create_from(&out, config, tiny_model(), &from).unwrap();
     let val = trainer.evaluate(f64::NAN).unwrap().val_loss;
@@ -188,6 +190,9 @@ fn a_run_starts_from_an_exported_model_and_takes_its_network_from_the_file() {
     assert_eq!(saved.init, Some(init));
     trainer.run(|_| {}).unwrap();
     drop(trainer);
+    // Its model counts the file's training steps and its own.
+    let provenance = TrainedModel::load(&out).unwrap().spec.provenance;
+    assert_eq!(provenance.steps, steps + 20);
 
     // What no weight shows is found too: the activation, and the head count of a network
     // whose attention has no per-head bias.

@@ -25,6 +25,8 @@ pub enum Head {
 pub struct Provenance {
     pub corpus: String,
     pub corpus_sha256: String,
+    /// Training steps, counting those behind the file a run started from (`train --init-from`;
+    /// files trained that way before 2026-12-03 count their last run's only).
     pub steps: u64,
     pub date: String,
     /// The training loss (`mse` or `xent`), which a run starting from the file keeps (`train

@@ -131,6 +131,10 @@ pub struct TrainConfig {
 pub struct InitialWeights {
     pub file: PathBuf,
     pub sha256: String,
+    /// The training steps behind the file (its provenance, which counts those behind its own
+    /// starting file): the run's model records them plus its own. Runs from before this field: 0.
+    #[serde(default)]
+    pub steps: u64,
 }
 
 impl Default for TrainConfig {
@@ -626,7 +630,8 @@ impl Trainer {
 
     /// Saves the spec and the full training state.
     pub fn save(&mut self) -> Result<(), TrainError> {
-        self.spec.provenance.steps = self.step();
+        let before = self.config.init.as_ref().map_or(0, |init| init.steps);
+        self.spec.provenance.steps = before + self.step();
         // Runs started before the loss was recorded get it at their next checkpoint.
         self.spec.provenance.loss = Some(self.config.loss.name().into());
         let mut tensors = std::collections::BTreeMap::new();
