@@ -1,8 +1,9 @@
 //! Criterion benches: one denoising step of the shipped model per precision (f32, f16 weights,
-//! int8; named `-as-f32` where this CPU computes them in f32) and batch size (tract, CPU, one thread), the full sampling loop, and one training step
-//! of the same architecture (candle). `cargo bench --bench denoise`; `chardiff bench` reports the
-//! same step figures from the CLI. With `--features ort` (and ORT_DYLIB_PATH set) the step group
-//! runs onnxruntime on the same files beside tract, one thread each.
+//! int8; named `-as-f32` where this CPU computes them in f32) and batch size (tract, CPU, one
+//! thread), the full sampling loop, and one training step of the same architecture (candle).
+//! `cargo bench --bench denoise`; `chardiff bench` reports the same step figures from the CLI.
+//! With `--features ort` (and ORT_DYLIB_PATH set) the step group runs onnxruntime on the same
+//! files beside tract, one thread each.
 
 use chardiff_runtime::bench::step_latency;
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
