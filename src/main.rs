@@ -1029,7 +1029,7 @@ fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
 
 #[cfg(feature = "train")]
 mod train {
-    use super::{enum_arg, progress_bar, say};
+    use super::{enum_arg, enum_name, progress_bar, say};
     use anyhow::{anyhow, bail, Context, Result};
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
@@ -1173,8 +1173,8 @@ mod train {
             ("layers", args.layers.map(|x| x.to_string()), layers.to_string()),
             ("heads", args.heads.map(|x| x.to_string()), file.heads.to_string()),
             ("ffn", args.ffn.map(|x| x.to_string()), file.ffn.to_string()),
-            ("activation", args.activation.map(name), name(file.activation)),
-            ("attention-bias", args.attention_bias.map(name), name(file.attention_bias)),
+            ("activation", args.activation.map(enum_name), enum_name(file.activation)),
+            ("attention-bias", args.attention_bias.map(enum_name), enum_name(file.attention_bias)),
         ];
         for (flag, given, theirs) in flags {
             if let Some(given) = given.filter(|given| *given != theirs) {
@@ -1237,14 +1237,6 @@ mod train {
             sample_td: args.sample_td,
             ..default
         })
-    }
-
-    /// A setting's name as the command line spells it.
-    fn name<T: serde::Serialize>(value: T) -> String {
-        serde_json::to_value(value)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default()
     }
 
     pub fn run(args: TrainArgs) -> Result<()> {
