@@ -213,7 +213,8 @@ struct SamplingFlags {
     /// Arithmetic: f32, f16 (f32 and f16 files) or int8 (int8 files) [default: f16 only for f16
     /// weights on a CPU with native fp16 (aarch64 FEAT_FP16), int8 products only on a CPU with
     /// int8 dot products (AVX512-VNNI, AVX-VNNI, dotprod); elsewhere tract emulates both, tens
-    /// of times slower, so f32 from the weights widened at load].
+    /// of times slower, and its CUDA products take no int8, so f32 from the weights widened at
+    /// load].
     #[arg(long, value_parser = enum_arg::<Precision>)]
     compute: Option<Precision>,
     /// CPU threads per network call [default: the cores available].
@@ -316,6 +317,9 @@ impl SamplingFlags {
                         .into()
                 }
             },
+            (Precision::Int8, _) if net.device() == Device::Cuda => {
+                "the weights are widened at load: tract's CUDA matrix products take no int8".into()
+            }
             (Precision::Int8, _) if int8_dot_product().is_some() => {
                 "forced by --compute f32".into()
             }

@@ -359,6 +359,10 @@ fn int8_files_are_smaller_stay_close_to_f32_and_refuse_what_does_not_apply() {
     let default = TractDenoiser::from_bytes(&int8_file).unwrap().compute();
     let fast_int8 = chardiff_runtime::tract::int8_dot_product().is_some();
     assert_eq!(default, if fast_int8 { Precision::Int8 } else { Precision::F32 });
+    // tract's CUDA matrix products take f32 and f16: an int8 file runs widened on a GPU.
+    let gpu = chardiff_runtime::tract::Device::Cuda;
+    let on_gpu = chardiff_runtime::tract::arithmetic(Precision::Int8, None, gpu);
+    assert_eq!(on_gpu.unwrap(), Precision::F32);
     for (what, net, limit) in [("int8 products", &mut int8, 0.1), ("widened", &mut widened, 0.1)] {
         let diff = max_x0_difference(&mut reference, net, 3, 1).unwrap();
         eprintln!("{what}: max |x0 diff| vs f32 = {diff:.2e}");

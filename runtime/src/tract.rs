@@ -210,12 +210,18 @@ pub fn int8_dot_product() -> Option<&'static str> {
     None
 }
 
-/// The arithmetic a file with `stored` weights runs in: the one `asked` for where it applies,
-/// else what is fast on this CPU. f16 weights compute in f16 only with native fp16, int8 files
-/// run their matrix products in int8 only with int8 dot products; otherwise in f32, the f16 or
-/// int8 weights widened once at load (tract's f16 is scalar code and its emulated int8 17-34x
-/// slower than f32 on such CPUs, BENCHMARKS.md).
-pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
+/// The arithmetic a file with `stored` weights runs in on `device`: the one `asked` for where it
+/// applies, else what is fast there. f16 weights compute in f16 only with native fp16, int8
+/// files run their matrix products in int8 only on a CPU with int8 dot products (tract's CUDA
+/// products take f32 and f16 only); otherwise in f32, the f16 or int8 weights widened once at
+/// load (tract's f16 is scalar code and its emulated int8 17-34x slower than f32 on such CPUs,
+/// BENCHMARKS.md).
+pub fn arithmetic(
+    stored: Precision,
+    asked: Option<Precision>,
+    device: Device,
+) -> Result<Precision, LoadError> {
+    let int8_products = device != Device::Cuda && int8_dot_product().is_some();
     match (asked, stored) {
         (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
             Err(LoadError::ComputeInt8(stored))
@@ -223,7 +229,7 @@ pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precisi
         (Some(Precision::F16), Precision::Int8) => Err(LoadError::Int8InF16),
         (Some(asked), _) => Ok(asked),
         (None, Precision::F16) if native_f16() => Ok(Precision::F16),
-        (None, Precision::Int8) if int8_dot_product().is_some() => Ok(Precision::Int8),
+        (None, Precision::Int8) if int8_products => Ok(Precision::Int8),
         (None, _) => Ok(Precision::F32),
     }
 }
@@ -269,7 +275,7 @@ impl TractDenoiser {
         device: Device,
         compute: Option<Precision>,
     ) -> Result<TractDenoiser, LoadError> {
-        let (spec, mut model, compute) = typed_model(bytes, compute)?;
+        let (spec, mut model, compute) = typed_model(bytes, compute, device)?;
         if compute == Precision::F16 {
             let to_f16 = tract_nnef::tract_core::transform::get_transform("f32_to_f16")
                 .map_err(tract_error)?
@@ -581,6 +587,7 @@ fn nnef_reader() -> tract_nnef::internal::Nnef {
 fn typed_model(
     bytes: &[u8],
     asked: Option<Precision>,
+    device: Device,
 ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
     let (spec, model, compute) = match Format::of(bytes) {
         Format::Nnef => {
@@ -593,10 +600,10 @@ fn typed_model(
                 model.properties.iter().filter_map(|(k, v)| Some((k.as_str(), text(v)?))).collect();
             let spec = ModelSpec::from_metadata(props.iter().map(|(k, v)| (*k, v.as_str())))?;
             // NNEF archives are written from f32 models only (`onnx_to_nnef`).
-            let compute = arithmetic(spec.precision, asked)?;
+            let compute = arithmetic(spec.precision, asked, device)?;
             (spec, model, compute)
         }
-        Format::Onnx => onnx::typed_model(bytes, asked)?,
+        Format::Onnx => onnx::typed_model(bytes, asked, device)?,
     };
     check_contract(&model, &spec)?;
     Ok((spec, model, compute))
@@ -606,7 +613,7 @@ fn typed_model(
 /// model properties (`chardiff.*`), with fixed timestamps in the tar.
 #[cfg(feature = "onnx")]
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let (spec, model, _) = typed_model(onnx_bytes, Some(Precision::F32))?;
+    let (spec, model, _) = typed_model(onnx_bytes, Some(Precision::F32), Device::Cpu)?;
     if spec.precision != Precision::F32 {
         return Err(LoadError::NnefNotF32(spec.precision));
     }
@@ -622,7 +629,7 @@ pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
 
 #[cfg(feature = "onnx")]
 mod onnx {
-    use super::{arithmetic, tract_error, LoadError};
+    use super::{arithmetic, tract_error, Device, LoadError};
     use crate::spec::{ModelSpec, Precision};
     use std::collections::HashSet;
     use tract_onnx::pb::{tensor_proto::DataType, GraphProto, NodeProto, TensorProto};
@@ -632,6 +639,7 @@ mod onnx {
     pub fn typed_model(
         bytes: &[u8],
         asked: Option<Precision>,
+        device: Device,
     ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         let onnx = tract_onnx::onnx();
         let mut proto = onnx
@@ -640,7 +648,7 @@ mod onnx {
         let spec = ModelSpec::from_metadata(
             proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())),
         )?;
-        let compute = arithmetic(spec.precision, asked)?;
+        let compute = arithmetic(spec.precision, asked, device)?;
         if spec.precision == Precision::Int8 && compute == Precision::F32 {
             let graph = proto.graph.as_mut().ok_or(LoadError::NotOnnx("no graph".into()))?;
             widen_int8(graph, &onnx).map_err(|e| LoadError::NotWidenable(format!("{e:#}")))?;
@@ -722,7 +730,7 @@ mod onnx {
 
 #[cfg(not(feature = "onnx"))]
 mod onnx {
-    use super::LoadError;
+    use super::{Device, LoadError};
     use crate::spec::{ModelSpec, Precision};
     use tract_nnef::prelude::TypedModel;
 
@@ -730,6 +738,7 @@ mod onnx {
     pub fn typed_model(
         bytes: &[u8],
         _: Option<Precision>,
+        _: Device,
     ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         if bytes.first() == Some(&0x08) {
             Err(LoadError::OnnxNotBuilt)
