@@ -4,9 +4,12 @@
 use anyhow::{Context, Result};
 use chardiff_runtime::generate;
 use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
+use chardiff_runtime::spec::serde_name;
 #[cfg(feature = "train")]
 use chardiff_runtime::tract::Format;
-use chardiff_runtime::tract::{int8_dot_product, native_f16, Device, Parallelism, TractDenoiser};
+use chardiff_runtime::tract::{
+    arithmetic, int8_dot_product, native_f16, Device, Parallelism, TractDenoiser,
+};
 use chardiff_runtime::Denoiser;
 use chardiff_runtime::{ModelSpec, Precision};
 use clap::{Parser, Subcommand};
@@ -104,7 +107,7 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Export a training run to one self-describing ONNX file (or tract's NNEF archive). The
     /// sampling flags become the file's recommendation [default: the run's --sample-steps and
-    /// --sample-td, ddim, guidance 1, warp 1].
+    /// --sample-td, ddim, guidance 1, warp 1, self-guidance 1].
     #[cfg(feature = "train")]
     Export {
         /// The run directory written by `chardiff train`.
@@ -162,7 +165,7 @@ enum Command {
 
 /// Sampling settings: `sample`, `eval` and `bench` run with them, `export` and `tune` record them
 /// in the file as its recommendation. Each one not given: the model's recommendation (export: the
-/// run's --sample-steps and --sample-td, DDIM, guidance 1, warp 1).
+/// run's --sample-steps and --sample-td, DDIM, guidance 1, warp 1, self-guidance 1).
 #[derive(clap::Args)]
 struct SamplerFlags {
     /// Denoising steps [default: the model's recommendation].
@@ -183,13 +186,19 @@ struct SamplerFlags {
     /// near pure noise and near clean text [default: the model's recommendation].
     #[arg(long)]
     warp: Option<f32>,
+    /// Self-guidance for free samples of a self-conditioned model: 1 is plain self-conditioning,
+    /// above 1 leans harder on the previous step's estimate for a second pass of the network per
+    /// step (more real words and more varied characters; 0 ignores the estimate). Prompts,
+    /// infills and --length are not affected [default: the model's recommendation].
+    #[arg(long)]
+    self_guidance: Option<f32>,
 }
 
 #[cfg(feature = "train")]
 impl From<SamplerFlags> for chardiff_export::Recommendation {
     fn from(f: SamplerFlags) -> Self {
-        let SamplerFlags { steps, td, sampler, guidance, warp } = f;
-        chardiff_export::Recommendation { steps, td, sampler, guidance, warp }
+        let SamplerFlags { steps, td, sampler, guidance, warp, self_guidance } = f;
+        chardiff_export::Recommendation { steps, td, sampler, guidance, warp, self_guidance }
     }
 }
 
@@ -293,9 +302,9 @@ impl SamplingFlags {
             anyhow::bail!(
                 "{} stores {} weights, not {}: export the run with `chardiff export --precision {}`",
                 self.model_name(),
-                enum_name(stored),
-                enum_name(wanted),
-                enum_name(wanted)
+                serde_name(stored),
+                serde_name(wanted),
+                serde_name(wanted)
             );
         }
         Ok(net)
@@ -303,39 +312,52 @@ impl SamplingFlags {
 
     /// Says what f16 and int8 weights compute in here, and why.
     fn announce(&self, net: &TractDenoiser) {
-        let (stored, compute) = (net.spec().precision, net.compute());
+        let (stored, compute, device) = (net.spec().precision, net.compute(), net.device());
+        // What this file computes in here without --compute: anything else was forced.
+        let forced = arithmetic(stored, None, device).ok() != Some(compute);
         let mut level = "note";
-        let why = match (stored, compute) {
-            (Precision::F32, Precision::F32) => return,
-            (Precision::Int8, Precision::Int8) => match int8_dot_product() {
-                Some(feature) => format!("int8 matrix products on {feature} kernels"),
-                None => {
-                    level = "warning";
-                    "forced by --compute int8: this CPU has no int8 dot-product instructions \
-                     (VNNI, AVX-VNNI or dotprod), so tract emulates int8 matrix products, tens of \
-                     times slower than f32"
+        let why = if forced {
+            let slow = match compute {
+                Precision::Int8 if device == Device::Cuda => {
+                    ": tract's CUDA matrix products take f32 and f16 only"
+                }
+                Precision::Int8 => {
+                    ": this CPU has no int8 dot-product instructions (VNNI, AVX-VNNI or \
+                     dotprod), so tract emulates int8 matrix products, tens of times slower than \
+                     f32"
+                }
+                Precision::F16 if !native_f16() => ": scalar code here, tens of times slower",
+                _ => "",
+            };
+            if !slow.is_empty() {
+                level = "warning";
+            }
+            format!("forced by --compute {}{slow}", serde_name(compute))
+        } else {
+            match (stored, compute) {
+                (Precision::Int8, Precision::Int8) => format!(
+                    "int8 matrix products on {} kernels",
+                    int8_dot_product().unwrap_or("int8")
+                ),
+                (Precision::Int8, _) if device == Device::Cuda => {
+                    "the weights are widened at load: tract's CUDA matrix products take no int8"
                         .into()
                 }
-            },
-            (Precision::Int8, _) if net.device() == Device::Cuda => {
-                "the weights are widened at load: tract's CUDA matrix products take no int8".into()
+                (Precision::Int8, _) => "the weights are widened at load and the activations \
+                    not quantized, since this CPU has no int8 dot-product instructions: VNNI, \
+                    AVX-VNNI or dotprod"
+                    .into(),
+                (_, Precision::F16) => "this CPU has native fp16 arithmetic".into(),
+                (Precision::F16, _) => {
+                    "the weights are widened at load: no native fp16 here".into()
+                }
+                (_, _) => return, // f32 weights in f32
             }
-            (Precision::Int8, _) if int8_dot_product().is_some() => {
-                "forced by --compute f32".into()
-            }
-            (Precision::Int8, _) => "the weights are widened at load and the activations not \
-                quantized, since this CPU has no int8 dot-product instructions: VNNI, AVX-VNNI or \
-                dotprod"
-                .into(),
-            (_, Precision::F16) if native_f16() => "this CPU has native fp16 arithmetic".into(),
-            (_, Precision::F16) => "forced by --compute f16: scalar code here, slow".into(),
-            (_, _) if native_f16() => "forced by --compute f32".into(),
-            (_, _) => "the weights are widened at load: no native fp16 here".into(),
         };
         eprintln!(
             "{level}: {} weights, computing in {} ({why})",
-            enum_name(stored),
-            enum_name(compute)
+            serde_name(stored),
+            serde_name(compute)
         );
     }
 
@@ -362,7 +384,8 @@ impl SamplingFlags {
         Ok(())
     }
 
-    /// Guidance only steers samples with something known: free samples report plain settings.
+    /// Guidance only steers samples with something known, self-guidance only free ones (as the
+    /// sampler does): each reports plain settings where it does nothing.
     fn sampler_config(&self, spec: &ModelSpec, conditional: bool) -> SamplerConfig {
         let (given, recommended) = (&self.settings, SamplerConfig::recommended(spec, self.seed));
         let guidance = given.guidance.unwrap_or(recommended.guidance);
@@ -372,6 +395,11 @@ impl SamplingFlags {
             rule: given.sampler.unwrap_or(recommended.rule),
             guidance: if conditional { guidance } else { 1.0 },
             warp: given.warp.unwrap_or(recommended.warp),
+            self_guidance: if conditional {
+                1.0
+            } else {
+                given.self_guidance.unwrap_or(recommended.self_guidance)
+            },
             ..recommended
         }
     }
@@ -396,11 +424,6 @@ struct SampleArgs {
     /// rewrites the word its predecessor's edge cut).
     #[arg(long)]
     length: Option<usize>,
-}
-
-/// The serde (and CLI) name of an enum value.
-fn enum_name<T: serde::Serialize>(value: T) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// Parses a lower-case enum value with the type's own serde names, so CLI and files agree.
@@ -508,7 +531,7 @@ fn run_sample(args: SampleArgs) -> Result<()> {
 }
 
 mod bench {
-    use super::{enum_name, SamplingFlags};
+    use super::{serde_name, SamplingFlags};
     use anyhow::Result;
     use chardiff_runtime::bench::{max_x0_difference, peak_rss_bytes, step_latency, StepLatency};
     use chardiff_runtime::sampler::sample;
@@ -619,6 +642,9 @@ mod bench {
         #[serde(skip_serializing_if = "Option::is_none")]
         ort_load_ms: Option<f64>,
         steps: usize,
+        /// The full sample's settings, "100 ddpm steps, td 2, ..., self-guidance 2.5" (with
+        /// self-guidance a step after the first runs the network twice).
+        sampling: String,
         /// Floating-point operations of one step per sequence (matrix products).
         flops_per_sequence: u64,
         /// tract's f32 GEMM speed on one thread (1024 x 1024 products, best of 5).
@@ -718,6 +744,7 @@ mod bench {
             load_ms,
             ort_load_ms,
             steps: args.sampling.sampler_config(net.spec(), false).steps,
+            sampling: args.sampling.sampler_config(net.spec(), false).to_string(),
             flops_per_sequence: arithmetic.flops_per_sequence,
             gemm_peak_gflops,
             rows,
@@ -735,7 +762,7 @@ mod bench {
             report.compute,
             report.device,
             report.threads,
-            enum_name(report.parallelism),
+            serde_name(report.parallelism),
             report.call_batch.map_or(String::new(), |n| match n {
                 1 => ", one sequence per call".into(),
                 n => format!(", up to {n} sequences per call"),
@@ -745,9 +772,10 @@ mod bench {
         );
         println!(
             "one step: {:.1} MFLOP per sequence; tract's one-thread f32 GEMM peak here: {:.1} \
-             GFLOP/s (1024^3 product, best of 5)",
+             GFLOP/s (1024^3 product, best of 5); a full sample: {}",
             report.flops_per_sequence as f64 / 1e6,
-            report.gemm_peak_gflops
+            report.gemm_peak_gflops,
+            report.sampling
         );
         println!(
             "{:>12} {:>6} {:>11} {:>10} {:>10} {:>10} {:>16} {:>10} {:>8} {:>7}",
@@ -922,7 +950,7 @@ mod eval {
             .collect();
         let real = seam_quality(&real, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "quality": q, "validation_windows": real });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "self_guidance": config.self_guidance, "quality": q, "validation_windows": real });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             println!("{mode}: {} samples, {config}", texts.len());
@@ -1033,7 +1061,7 @@ fn convert(model: PathBuf, out: PathBuf) -> Result<()> {
 
 #[cfg(feature = "train")]
 mod train {
-    use super::{enum_arg, enum_name, progress_bar, say};
+    use super::{enum_arg, progress_bar, say, serde_name};
     use anyhow::{anyhow, bail, Context, Result};
     use chardiff_runtime::{BitCode, Head, Schedule};
     use chardiff_train::corpus::Preprocess;
@@ -1177,8 +1205,12 @@ mod train {
             ("layers", args.layers.map(|x| x.to_string()), layers.to_string()),
             ("heads", args.heads.map(|x| x.to_string()), file.heads.to_string()),
             ("ffn", args.ffn.map(|x| x.to_string()), file.ffn.to_string()),
-            ("activation", args.activation.map(enum_name), enum_name(file.activation)),
-            ("attention-bias", args.attention_bias.map(enum_name), enum_name(file.attention_bias)),
+            ("activation", args.activation.map(serde_name), serde_name(file.activation)),
+            (
+                "attention-bias",
+                args.attention_bias.map(serde_name),
+                serde_name(file.attention_bias),
+            ),
         ];
         for (flag, given, theirs) in flags {
             if let Some(given) = given.filter(|given| *given != theirs) {

@@ -189,13 +189,27 @@ fn train_export_sample_and_resume_through_the_cli() {
 
     // Sampling settings measured after training become the file's recommendation.
     let tuned = dir.path().join("tuned.onnx");
-    let tune =
-        ["--steps", "7", "--td", "0", "--sampler", "ddpm", "--guidance", "2", "--warp", "0.6"];
+    let tune = [
+        "--steps",
+        "7",
+        "--td",
+        "0",
+        "--sampler",
+        "ddpm",
+        "--guidance",
+        "2",
+        "--warp",
+        "0.6",
+        "--self-guidance",
+        "2",
+    ];
     let out = chardiff(&[&["export", s(&run), "--out", s(&tuned)][..], &tune].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bench = chardiff(&["bench", "--model", s(&tuned), "--batch", "1", "--no-full", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
     assert_eq!(report["steps"], 7);
+    let sampling = report["sampling"].as_str().unwrap();
+    assert_eq!(sampling, "7 ddpm steps, td 0, warp 0.6, self-guidance 2");
     let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2", "--prompt", "the"]);
     let explicit = chardiff(
         &[&["sample", "--model", s(&model), "-n", "2", "--prompt", "the"][..], &tune].concat(),
@@ -205,6 +219,13 @@ fn train_export_sample_and_resume_through_the_cli() {
         recommended.stdout, explicit.stdout,
         "the file's steps, td, step rule, guidance and warp are used"
     );
+    let free = |model: &Path, flags: &[&str]| {
+        let out = chardiff(&[&["sample", "--model", s(model), "-n", "2"][..], flags].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(free(&tuned, &[]), free(&model, &tune), "and its self-guidance");
+    assert_ne!(free(&model, &[]), free(&model, &tune));
     // The same settings written into an exported file afterwards.
     let retuned = dir.path().join("retuned.onnx");
     let out = chardiff(&[&["tune", s(&model), "--out", s(&retuned)][..], &tune].concat());
@@ -212,6 +233,10 @@ fn train_export_sample_and_resume_through_the_cli() {
     let from_retuned = chardiff(&["sample", "--model", s(&retuned), "-n", "2", "--prompt", "the"]);
     assert_eq!(from_retuned.stdout, explicit.stdout, "tune records the settings, nothing else");
     fails_with(&["tune", s(&model), "--out", s(&retuned), "--warp", "0"], "warp must be > 0");
+    fails_with(
+        &["tune", s(&model), "--out", s(&retuned), "--self-guidance=-1"],
+        "self-guidance must be >= 0",
+    );
     fails_with(&["tune", s(&short), "--out", s(&retuned)], "is not an ONNX file");
     fails_with(
         &["export", s(&run), "--out", s(&tuned), "--steps", "0"],

@@ -85,6 +85,7 @@ pub struct Recommendation {
     pub sampler: Option<StepRule>,
     pub guidance: Option<f32>,
     pub warp: Option<f32>,
+    pub self_guidance: Option<f32>,
 }
 
 impl Recommendation {
@@ -95,6 +96,8 @@ impl Recommendation {
         spec.recommended_sampler = self.sampler.unwrap_or(spec.recommended_sampler);
         spec.recommended_guidance = self.guidance.unwrap_or(spec.recommended_guidance);
         spec.recommended_warp = self.warp.unwrap_or(spec.recommended_warp);
+        spec.recommended_self_guidance =
+            self.self_guidance.unwrap_or(spec.recommended_self_guidance);
         spec.validate()
     }
 }

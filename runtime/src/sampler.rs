@@ -33,12 +33,19 @@ pub struct SamplerConfig {
     /// How the steps' times are spaced (`step_time`): 1 evenly; below 1 more of them at middle
     /// noise levels, where the network does its work, and fewer near t = 0 and t = 1.
     pub warp: f32,
+    /// Self-guidance weight for self-conditioned models: each step's x0 is
+    /// x0(blind) + w (x0(seeing) - x0(blind)), seeing or not the previous step's x0. 1 is plain
+    /// self-conditioning; above 1 costs a second pass of the network per step and leans harder
+    /// on what the sampler has already worked out. Free samples only: on top of classifier-free
+    /// guidance it made the words at a prompt's end far less real (BENCHMARKS.md), so with
+    /// known characters it is off, as classifier-free guidance is without them.
+    pub self_guidance: f32,
 }
 
 impl SamplerConfig {
     /// Plain conditioning (guidance 1).
     pub fn new(steps: usize, td: f32, rule: StepRule, seed: u64) -> SamplerConfig {
-        SamplerConfig { steps, td, rule, seed, guidance: 1.0, warp: 1.0 }
+        SamplerConfig { steps, td, rule, seed, guidance: 1.0, warp: 1.0, self_guidance: 1.0 }
     }
 
     /// The settings `spec` recommends.
@@ -50,6 +57,7 @@ impl SamplerConfig {
             seed,
             guidance: spec.recommended_guidance,
             warp: spec.recommended_warp,
+            self_guidance: spec.recommended_self_guidance,
         }
     }
 }
@@ -84,6 +92,9 @@ impl std::fmt::Display for SamplerConfig {
         }
         if self.guidance != 1.0 {
             write!(f, ", guidance {}", self.guidance)?;
+        }
+        if self.self_guidance != 1.0 {
+            write!(f, ", self-guidance {}", self.self_guidance)?;
         }
         Ok(())
     }
@@ -153,7 +164,10 @@ pub fn sample<D: Denoiser + ?Sized>(
     let mut x_t = gaussian(&mut rng, size);
     let mut x_pred = vec![0.0f32; size];
     let mut x0 = vec![0.0f32; size];
-    let no_self_cond = vec![0.0f32; if spec.self_conditioning { 0 } else { size }];
+    let self_guidance =
+        if known.as_ref().is_some_and(KnownBits::any) { 1.0 } else { config.self_guidance };
+    let mut x0_blind = vec![0.0f32; if self_guidance == 1.0 { 0 } else { size }];
+    let no_self_cond = vec![0.0f32; size];
     let mut t_batch = vec![0.0f32; n];
     let mut t_state = 1.0f32; // the noise level x_t really has
     for step in 0..config.steps {
@@ -173,11 +187,13 @@ pub fn sample<D: Denoiser + ?Sized>(
                 .filter(|_| method == ConditioningMethod::Trained)
                 .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        match &mut guidance {
-            Some(guidance) => guidance.denoise(net, &input, &mut x0),
-            None => net.denoise(&input, &mut x0),
+        estimate(net, &mut guidance, &input, &mut x0)?;
+        // At the first step there is no previous x0 yet: both passes would be the same.
+        if self_guidance != 1.0 && step > 0 {
+            let blind = DenoiseInput { x_self: &no_self_cond, ..input };
+            estimate(net, &mut guidance, &blind, &mut x0_blind)?;
+            extrapolate(&mut x0, &x0_blind, self_guidance);
         }
-        .map_err(SampleError::Denoiser)?;
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
@@ -195,6 +211,28 @@ pub fn sample<D: Denoiser + ?Sized>(
         k.restore(&mut texts);
     }
     Ok(texts)
+}
+
+/// The network's x0 estimate, with classifier-free guidance when it is on.
+fn estimate<D: Denoiser + ?Sized>(
+    net: &mut D,
+    guidance: &mut Option<Guidance>,
+    input: &DenoiseInput<'_>,
+    x0: &mut [f32],
+) -> Result<(), SampleError> {
+    match guidance {
+        Some(guidance) => guidance.denoise(net, input, x0),
+        None => net.denoise(input, x0),
+    }
+    .map_err(SampleError::Denoiser)
+}
+
+/// Guidance's one formula: `x = base + w (x - base)`, from the weaker estimate through the
+/// stronger one (w = 1 keeps the stronger, w > 1 goes past it).
+pub fn extrapolate(x: &mut [f32], base: &[f32], w: f32) {
+    for (x, &base) in x.iter_mut().zip(base) {
+        *x = base + w * (*x - base);
+    }
 }
 
 /// x_{t_next} from the x0 estimate and the noise it implies.
@@ -241,6 +279,9 @@ fn check(
     if let Some(problem) = warp_problem(config.warp) {
         return Err(SampleError::Config(problem));
     }
+    if let Some(problem) = self_guidance_problem(config.self_guidance, spec.self_conditioning) {
+        return Err(SampleError::Config(problem));
+    }
     if n == 0 {
         return Err(SampleError::Config("the number of samples must be at least 1".into()));
     }
@@ -272,6 +313,17 @@ pub fn guidance_problem(weight: f32, conditioning: bool) -> Option<String> {
             "guidance needs a model trained with conditioning; this one conditions by replacement"
                 .into(),
         )
+    } else {
+        None
+    }
+}
+
+/// Why a self-guidance weight cannot steer a model (self-conditioned or not), if it cannot.
+pub fn self_guidance_problem(weight: f32, self_conditioning: bool) -> Option<String> {
+    if !(weight.is_finite() && weight >= 0.0) {
+        Some(format!("self-guidance must be >= 0, got {weight}"))
+    } else if weight != 1.0 && !self_conditioning {
+        Some("self-guidance needs a model trained with self-conditioning".into())
     } else {
         None
     }
@@ -386,9 +438,8 @@ impl Guidance {
         };
         net.denoise(&doubled, &mut self.x0)?;
         let (conditional, unconditional) = self.x0.split_at(x0.len());
-        for ((x, c), u) in x0.iter_mut().zip(conditional).zip(unconditional) {
-            *x = u + self.weight * (c - u);
-        }
+        x0.copy_from_slice(conditional);
+        extrapolate(x0, unconditional, self.weight);
         Ok(())
     }
 }

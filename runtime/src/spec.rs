@@ -2,7 +2,7 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
-use crate::sampler::{guidance_problem, warp_problem, StepRule};
+use crate::sampler::{guidance_problem, self_guidance_problem, warp_problem, StepRule};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -58,23 +58,24 @@ pub struct ModelSpec {
     pub recommended_sampler: StepRule,
     /// Classifier-free guidance weight for conditional sampling (files from before this field: 1,
     /// plain conditioning).
-    #[serde(default = "plain_conditioning")]
+    #[serde(default = "one")]
     pub recommended_guidance: f32,
     /// Spacing of the sampling steps' times, `sampler::step_time` (files from before this field:
     /// 1, evenly spaced).
-    #[serde(default = "even_steps")]
+    #[serde(default = "one")]
     pub recommended_warp: f32,
+    /// Self-guidance weight, `SamplerConfig::self_guidance` (files from before this field: 1,
+    /// plain self-conditioning).
+    #[serde(default = "one")]
+    pub recommended_self_guidance: f32,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
     pub precision: Precision,
 }
 
-fn plain_conditioning() -> f32 {
-    1.0
-}
-
-fn even_steps() -> f32 {
+/// The weight or warp that changes nothing: what files from before a setting was recorded mean.
+fn one() -> f32 {
     1.0
 }
 
@@ -93,11 +94,19 @@ pub enum Precision {
     Int8,
 }
 
-/// Its name in files and on the command line (the serde name).
+/// Its name in files and on the command line.
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
-        f.write_str(name.as_str().ok_or(std::fmt::Error)?)
+        f.write_str(&serde_name(self))
+    }
+}
+
+/// The serde name of a unit variant (`Precision::Int8` -> "int8"): the one spelling of a setting
+/// in files, on the command line and in reports. Empty for values that are not a plain name.
+pub fn serde_name(value: impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => String::new(),
     }
 }
 
@@ -159,6 +168,11 @@ impl ModelSpec {
         if let Some(problem) = warp_problem(self.recommended_warp) {
             return invalid(&format!("recommended {problem}"));
         }
+        let self_guidance =
+            self_guidance_problem(self.recommended_self_guidance, self.self_conditioning);
+        if let Some(problem) = self_guidance {
+            return invalid(&format!("recommended {problem}"));
+        }
         Ok(())
     }
 
@@ -214,6 +228,7 @@ pub(crate) mod tests {
             recommended_sampler: StepRule::Ddpm,
             recommended_guidance: 2.5,
             recommended_warp: 0.6,
+            recommended_self_guidance: 2.5,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -233,14 +248,20 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
-        // Files from before the step rule, guidance and warp were recorded: DDIM, plain
-        // conditioning, evenly spaced steps.
-        let newer = ["recommended_sampler", "recommended_guidance", "recommended_warp"];
+        // Files from before the step rule, guidance, warp and self-guidance were recorded: DDIM,
+        // plain conditioning, evenly spaced steps, plain self-conditioning.
+        let newer = [
+            "recommended_sampler",
+            "recommended_guidance",
+            "recommended_warp",
+            "recommended_self_guidance",
+        ];
         let older = meta.iter().filter(|(k, _)| !newer.iter().any(|n| k.ends_with(n)));
         let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back.recommended_sampler, StepRule::Ddim);
         assert_eq!(back.recommended_guidance, 1.0);
         assert_eq!(back.recommended_warp, 1.0);
+        assert_eq!(back.recommended_self_guidance, 1.0);
         let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
         assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
     }
@@ -254,6 +275,19 @@ pub(crate) mod tests {
         assert!(guided(true, -1.0).is_err() && guided(true, f32::INFINITY).is_err());
         let err = guided(false, 2.5).unwrap_err().to_string();
         assert!(err.contains("conditioning"), "{err}");
+    }
+
+    #[test]
+    fn self_guidance_is_a_non_negative_weight_for_self_conditioned_models_only() {
+        let guided = |self_conditioning, recommended_self_guidance| {
+            ModelSpec { self_conditioning, recommended_self_guidance, ..example_spec() }.validate()
+        };
+        assert!(
+            guided(true, 2.5).is_ok() && guided(true, 0.0).is_ok() && guided(false, 1.0).is_ok()
+        );
+        assert!(guided(true, -1.0).is_err() && guided(true, f32::NAN).is_err());
+        let err = guided(false, 2.5).unwrap_err().to_string();
+        assert!(err.contains("self-conditioning"), "{err}");
     }
 
     #[test]

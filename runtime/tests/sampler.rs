@@ -186,3 +186,68 @@ fn guidance_must_be_a_non_negative_number() {
     let err = sample(&mut unconditional, &c, 1, None, |_, _| {}).unwrap_err().to_string();
     assert!(err.contains("trained with conditioning"), "{err}");
 }
+
+/// Predicts one text while it sees no previous estimate (x_self all zeros) and another once it
+/// does; records each call's self-conditioning input.
+struct Hindsight {
+    spec: ModelSpec,
+    blind: Vec<f32>,
+    seeing: Vec<f32>,
+    calls: Vec<Vec<f32>>,
+}
+
+impl Denoiser for Hindsight {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        self.calls.push(input.x_self.to_vec());
+        let sees = input.x_self.iter().any(|&v| v != 0.0);
+        x0.copy_from_slice(if sees { &self.seeing } else { &self.blind });
+        Ok(())
+    }
+}
+
+#[test]
+fn self_guidance_extrapolates_from_the_blind_x0_with_a_second_call() {
+    let spec = spec(4, false, Head::Bits);
+    let (blind, seeing) = (spec.analog_bits().encode(b"abcd"), spec.analog_bits().encode(b"abzz"));
+    let mut net = Hindsight { spec, blind: blind.clone(), seeing: seeing.clone(), calls: vec![] };
+    let plain = sample(&mut net, &config(3, 0.0, StepRule::Ddim), 1, None, |_, _| {}).unwrap();
+    assert_eq!((plain[0].as_slice(), net.calls.len()), (&b"abzz"[..], 3), "one call a step");
+
+    net.calls.clear();
+    let guided = SamplerConfig { self_guidance: 0.5, ..config(3, 0.0, StepRule::Ddim) };
+    sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
+    // The first step has no estimate to see (one call), the others see it and do not (two).
+    let zeros = vec![0.0; blind.len()];
+    assert_eq!(net.calls.len(), 5);
+    assert_eq!(net.calls[0], zeros);
+    assert_eq!((&net.calls[1], &net.calls[2]), (&blind, &zeros));
+    // The third step sees the second's guided x0.
+    let midway: Vec<f32> = blind.iter().zip(&seeing).map(|(b, s)| b + 0.5 * (s - b)).collect();
+    assert_eq!((&net.calls[3], &net.calls[4]), (&midway, &zeros));
+
+    // With known characters it is off: one call a step.
+    net.spec.conditioning = true;
+    net.calls.clear();
+    let known = [Some(b'a'), None, None, None];
+    sample(&mut net, &guided, 1, Some(&known), |_, _| {}).unwrap();
+    assert_eq!(net.calls.len(), 3);
+}
+
+#[test]
+fn self_guidance_needs_a_self_conditioned_model_and_a_non_negative_weight() {
+    let mut net = Oracle::new(spec(4, false, Head::Bits), b"abcd");
+    for weight in [-1.0, f32::INFINITY] {
+        let c = SamplerConfig { self_guidance: weight, ..config(5, 0.0, StepRule::Ddim) };
+        let err = sample(&mut net, &c, 1, None, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("self-guidance must be >= 0"), "{err}");
+    }
+    net.spec.self_conditioning = false;
+    let c = SamplerConfig { self_guidance: 2.0, ..config(5, 0.0, StepRule::Ddim) };
+    let err = sample(&mut net, &c, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("trained with self-conditioning"), "{err}");
+    assert!(sample(&mut net, &config(5, 0.0, StepRule::Ddim), 1, None, |_, _| {}).is_ok());
+}

@@ -13,7 +13,7 @@ use chardiff_runtime::files::write_atomic;
 use chardiff_runtime::metrics::{quality, vocabulary, Quality};
 use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
 use chardiff_runtime::schedule::noised;
-use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
+use chardiff_runtime::spec::{serde_name, Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,16 +31,6 @@ pub enum Loss {
     Mse,
     /// Cross-entropy of the softmax head's logits against the true character.
     Xent,
-}
-
-impl Loss {
-    /// The name on the command line and in files (`Provenance::loss`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Loss::Mse => "mse",
-            Loss::Xent => "xent",
-        }
-    }
 }
 
 /// Which unit the self-conditioning coin is thrown for.
@@ -373,13 +363,14 @@ impl Trainer {
             recommended_td: config.sample_td,
             recommended_sampler: StepRule::Ddim,
             recommended_guidance: 1.0,
+            recommended_self_guidance: 1.0,
             recommended_warp: 1.0,
             provenance: Provenance {
                 corpus: corpus.name.clone(),
                 corpus_sha256: corpus.sha256.clone(),
                 steps: 0,
                 date: today(),
-                loss: Some(config.loss.name().into()),
+                loss: Some(serde_name(config.loss)),
             },
             precision: Precision::F32,
         };
@@ -633,7 +624,7 @@ impl Trainer {
         let before = self.config.init.as_ref().map_or(0, |init| init.steps);
         self.spec.provenance.steps = before + self.step();
         // Runs started before the loss was recorded get it at their next checkpoint.
-        self.spec.provenance.loss = Some(self.config.loss.name().into());
+        self.spec.provenance.loss = Some(serde_name(self.config.loss));
         let mut tensors = std::collections::BTreeMap::new();
         for (name, var) in self.params.vars() {
             tensors.insert(format!("{PARAMS}{name}"), var.as_tensor().clone());

@@ -26,6 +26,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
         recommended_td: 0.0,
         recommended_sampler: StepRule::Ddim,
         recommended_guidance: 1.0,
+        recommended_self_guidance: 1.0,
         recommended_warp: 1.0,
         provenance: Provenance {
             corpus: String::new(),

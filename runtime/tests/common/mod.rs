@@ -20,6 +20,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
         recommended_td: 1.0,
         recommended_sampler: StepRule::Ddim,
         recommended_guidance: 1.0,
+        recommended_self_guidance: 1.0,
         recommended_warp: 1.0,
         provenance: Provenance {
             corpus: "test".into(),
