@@ -733,6 +733,7 @@ mod bench {
             ort_load_ms = Some(start.elapsed().as_secs_f64() * 1e3);
             rows.extend(measure(&args, "onnxruntime", &mut ort, &arithmetic, |_, _| Ok(None))?);
         }
+        let full_sample = args.sampling.sampler_config(net.spec(), false);
         let report = Report {
             model: args.sampling.model_name(),
             precision: net.spec().precision,
@@ -743,8 +744,8 @@ mod bench {
             call_batch: (net.device() == Device::Cpu).then(|| net.call_size(usize::MAX)),
             load_ms,
             ort_load_ms,
-            steps: args.sampling.sampler_config(net.spec(), false).steps,
-            sampling: args.sampling.sampler_config(net.spec(), false).to_string(),
+            steps: full_sample.steps,
+            sampling: full_sample.to_string(),
             flops_per_sequence: arithmetic.flops_per_sequence,
             gemm_peak_gflops,
             rows,
