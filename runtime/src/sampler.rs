@@ -306,24 +306,26 @@ fn check(
 /// Why a guidance weight cannot steer a model (trained with conditioning or not), if it cannot:
 /// for the sampler's settings and for a file's recommendation alike.
 pub fn guidance_problem(weight: f32, conditioning: bool) -> Option<String> {
-    if !(weight.is_finite() && weight >= 0.0) {
-        Some(format!("guidance must be >= 0, got {weight}"))
-    } else if weight != 1.0 && !conditioning {
-        Some(
-            "guidance needs a model trained with conditioning; this one conditions by replacement"
-                .into(),
-        )
-    } else {
-        None
-    }
+    weight_problem(
+        "guidance",
+        weight,
+        conditioning,
+        "conditioning; this one conditions by replacement",
+    )
 }
 
 /// Why a self-guidance weight cannot steer a model (self-conditioned or not), if it cannot.
 pub fn self_guidance_problem(weight: f32, self_conditioning: bool) -> Option<String> {
+    weight_problem("self-guidance", weight, self_conditioning, "self-conditioning")
+}
+
+/// Both guidances' rule: a weight is >= 0, and other than 1 only where the model was trained
+/// with what it extrapolates from.
+fn weight_problem(setting: &str, weight: f32, trained: bool, needs: &str) -> Option<String> {
     if !(weight.is_finite() && weight >= 0.0) {
-        Some(format!("self-guidance must be >= 0, got {weight}"))
-    } else if weight != 1.0 && !self_conditioning {
-        Some("self-guidance needs a model trained with self-conditioning".into())
+        Some(format!("{setting} must be >= 0, got {weight}"))
+    } else if weight != 1.0 && !trained {
+        Some(format!("{setting} needs a model trained with {needs}"))
     } else {
         None
     }
