@@ -126,7 +126,7 @@ enum Command {
         #[arg(long)]
         calibration: Option<PathBuf>,
         #[command(flatten)]
-        recommend: SamplerFlags,
+        recommend: RecommendFlags,
     },
     /// Rewrite the sampling settings an exported ONNX file recommends (after measuring them with
     /// `chardiff eval`); the network stays as it is.
@@ -138,7 +138,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
-        recommend: SamplerFlags,
+        recommend: RecommendFlags,
     },
     /// Draw a run's curves (loss, sample word rate) into RUN/curves.svg; training redraws it at
     /// every evaluation.
@@ -171,7 +171,8 @@ struct SamplerFlags {
     /// Denoising steps [default: the model's recommendation].
     #[arg(long)]
     steps: Option<usize>,
-    /// Asymmetric time delta in steps [default: the model's recommendation].
+    /// Asymmetric time delta in steps (export and tune: for free samples too unless --free-td)
+    /// [default: the model's recommendation].
     #[arg(long)]
     td: Option<f32>,
     /// Step rule, ddim or ddpm [default: the model's recommendation].
@@ -194,11 +195,32 @@ struct SamplerFlags {
     self_guidance: Option<f32>,
 }
 
+/// What `export` and `tune` record: the sampling settings, and a td of its own for free samples.
 #[cfg(feature = "train")]
-impl From<SamplerFlags> for chardiff_export::Recommendation {
-    fn from(f: SamplerFlags) -> Self {
-        let SamplerFlags { steps, td, sampler, guidance, warp, self_guidance } = f;
-        chardiff_export::Recommendation { steps, td, sampler, guidance, warp, self_guidance }
+#[derive(clap::Args)]
+struct RecommendFlags {
+    #[command(flatten)]
+    settings: SamplerFlags,
+    /// Asymmetric time delta for free samples only: td buys words with duller text, and free
+    /// and guided samples trade the two differently [default: the file's, else --td].
+    #[arg(long)]
+    free_td: Option<f32>,
+}
+
+#[cfg(feature = "train")]
+impl From<RecommendFlags> for chardiff_export::Recommendation {
+    fn from(f: RecommendFlags) -> Self {
+        let SamplerFlags { steps, td, sampler, guidance, warp, self_guidance } = f.settings;
+        let free_td = f.free_td;
+        chardiff_export::Recommendation {
+            steps,
+            td,
+            free_td,
+            sampler,
+            guidance,
+            warp,
+            self_guidance,
+        }
     }
 }
 
@@ -384,24 +406,21 @@ impl SamplingFlags {
         Ok(())
     }
 
-    /// Guidance only steers samples with something known, self-guidance only free ones (as the
-    /// sampler does): each reports plain settings where it does nothing.
+    /// The model's recommendation for free samples or, when `conditional`, samples with known
+    /// characters, overridden by the flags given.
     fn sampler_config(&self, spec: &ModelSpec, conditional: bool) -> SamplerConfig {
-        let (given, recommended) = (&self.settings, SamplerConfig::recommended(spec, self.seed));
-        let guidance = given.guidance.unwrap_or(recommended.guidance);
+        let given = &self.settings;
+        let recommended = SamplerConfig::recommended(spec, self.seed, conditional);
         SamplerConfig {
             steps: given.steps.unwrap_or(recommended.steps),
             td: given.td.unwrap_or(recommended.td),
             rule: given.sampler.unwrap_or(recommended.rule),
-            guidance: if conditional { guidance } else { 1.0 },
+            guidance: given.guidance.unwrap_or(recommended.guidance),
             warp: given.warp.unwrap_or(recommended.warp),
-            self_guidance: if conditional {
-                1.0
-            } else {
-                given.self_guidance.unwrap_or(recommended.self_guidance)
-            },
+            self_guidance: given.self_guidance.unwrap_or(recommended.self_guidance),
             ..recommended
         }
+        .for_task(conditional)
     }
 }
 
@@ -1044,8 +1063,12 @@ fn export(run: PathBuf, out: PathBuf, options: chardiff_export::Options) -> Resu
 fn tune(model: PathBuf, out: PathBuf, recommended: chardiff_export::Recommendation) -> Result<()> {
     let spec = chardiff_export::retune(&model, &out, &recommended)
         .with_context(|| format!("rewriting the settings of {}", model.display()))?;
-    let config = SamplerConfig::recommended(&spec, 0);
-    eprintln!("wrote {}: recommends {config}", out.display());
+    let free = SamplerConfig::recommended(&spec, 0, false);
+    eprintln!("wrote {}: recommends {free} for free samples", out.display());
+    if spec.conditioning {
+        let conditional = SamplerConfig::recommended(&spec, 0, true);
+        eprintln!("  and {conditional} for prompts, infills and --length");
+    }
     Ok(())
 }
 

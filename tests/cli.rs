@@ -203,13 +203,16 @@ fn train_export_sample_and_resume_through_the_cli() {
         "--self-guidance",
         "2",
     ];
-    let out = chardiff(&[&["export", s(&run), "--out", s(&tuned)][..], &tune].concat());
+    // Free samples with their own td.
+    let free_td = ["--free-td", "1"];
+    let export = [&["export", s(&run), "--out", s(&tuned)][..], &tune, &free_td].concat();
+    let out = chardiff(&export);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let bench = chardiff(&["bench", "--model", s(&tuned), "--batch", "1", "--no-full", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
     assert_eq!(report["steps"], 7);
     let sampling = report["sampling"].as_str().unwrap();
-    assert_eq!(sampling, "7 ddpm steps, td 0, warp 0.6, self-guidance 2");
+    assert_eq!(sampling, "7 ddpm steps, td 1, warp 0.6, self-guidance 2");
     let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2", "--prompt", "the"]);
     let explicit = chardiff(
         &[&["sample", "--model", s(&model), "-n", "2", "--prompt", "the"][..], &tune].concat(),
@@ -224,15 +227,24 @@ fn train_export_sample_and_resume_through_the_cli() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         out.stdout
     };
-    assert_eq!(free(&tuned, &[]), free(&model, &tune), "and its self-guidance");
+    let mut free_explicit = tune;
+    free_explicit[3] = "1"; // --td
+    assert_eq!(free(&tuned, &[]), free(&model, &free_explicit), "and its self-guidance and td");
+    assert_ne!(free(&tuned, &[]), free(&model, &tune));
     assert_ne!(free(&model, &[]), free(&model, &tune));
     // The same settings written into an exported file afterwards.
     let retuned = dir.path().join("retuned.onnx");
-    let out = chardiff(&[&["tune", s(&model), "--out", s(&retuned)][..], &tune].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let retune = [&["tune", s(&model), "--out", s(&retuned)][..], &tune, &free_td].concat();
+    let out = chardiff(&retune);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("td 1, warp 0.6, self-guidance 2 for free samples"), "{stderr}");
+    assert!(stderr.contains("td 0, warp 0.6, guidance 2 for prompts"), "{stderr}");
     let from_retuned = chardiff(&["sample", "--model", s(&retuned), "-n", "2", "--prompt", "the"]);
     assert_eq!(from_retuned.stdout, explicit.stdout, "tune records the settings, nothing else");
+    assert_eq!(free(&retuned, &[]), free(&tuned, &[]));
     fails_with(&["tune", s(&model), "--out", s(&retuned), "--warp", "0"], "warp must be > 0");
+    fails_with(&["tune", s(&model), "--out", s(&retuned), "--free-td=-1"], "td >= 0");
     fails_with(
         &["tune", s(&model), "--out", s(&retuned), "--self-guidance=-1"],
         "self-guidance must be >= 0",

@@ -82,6 +82,8 @@ impl Default for Options {
 pub struct Recommendation {
     pub steps: Option<usize>,
     pub td: Option<f32>,
+    /// Free samples' own td (`ModelSpec::recommended_free_td`).
+    pub free_td: Option<f32>,
     pub sampler: Option<StepRule>,
     pub guidance: Option<f32>,
     pub warp: Option<f32>,
@@ -93,6 +95,7 @@ impl Recommendation {
     pub fn apply(&self, spec: &mut ModelSpec) -> Result<(), SpecError> {
         spec.recommended_steps = self.steps.unwrap_or(spec.recommended_steps);
         spec.recommended_td = self.td.unwrap_or(spec.recommended_td);
+        spec.recommended_free_td = self.free_td.or(spec.recommended_free_td);
         spec.recommended_sampler = self.sampler.unwrap_or(spec.recommended_sampler);
         spec.recommended_guidance = self.guidance.unwrap_or(spec.recommended_guidance);
         spec.recommended_warp = self.warp.unwrap_or(spec.recommended_warp);

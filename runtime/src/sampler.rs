@@ -48,16 +48,29 @@ impl SamplerConfig {
         SamplerConfig { steps, td, rule, seed, guidance: 1.0, warp: 1.0, self_guidance: 1.0 }
     }
 
-    /// The settings `spec` recommends.
-    pub fn recommended(spec: &ModelSpec, seed: u64) -> SamplerConfig {
+    /// The settings `spec` recommends for free samples or, when `conditional`, for samples with
+    /// known characters.
+    pub fn recommended(spec: &ModelSpec, seed: u64, conditional: bool) -> SamplerConfig {
+        let free_td = spec.recommended_free_td.unwrap_or(spec.recommended_td);
         SamplerConfig {
             steps: spec.recommended_steps,
-            td: spec.recommended_td,
+            td: if conditional { spec.recommended_td } else { free_td },
             rule: spec.recommended_sampler,
             seed,
             guidance: spec.recommended_guidance,
             warp: spec.recommended_warp,
             self_guidance: spec.recommended_self_guidance,
+        }
+        .for_task(conditional)
+    }
+
+    /// These settings as `sample` runs them: classifier-free guidance steers only samples with
+    /// known characters and self-guidance only free ones, so each reads 1 where it does nothing.
+    pub fn for_task(self, conditional: bool) -> SamplerConfig {
+        SamplerConfig {
+            guidance: if conditional { self.guidance } else { 1.0 },
+            self_guidance: if conditional { 1.0 } else { self.self_guidance },
+            ..self
         }
     }
 }

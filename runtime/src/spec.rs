@@ -51,8 +51,14 @@ pub struct ModelSpec {
     pub conditioning: bool,
     pub head: Head,
     pub recommended_steps: usize,
-    /// Asymmetric time delta, in sampling steps.
+    /// Asymmetric time delta, in sampling steps (for free samples too unless
+    /// `recommended_free_td` says otherwise).
     pub recommended_td: f32,
+    /// Asymmetric time delta for free samples (files without it: `recommended_td`). td buys
+    /// words with duller text, and free samples (self-guided) and samples with known characters
+    /// (guided) trade the two differently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recommended_free_td: Option<f32>,
     /// The step rule to sample with (files from before this field: ddim).
     #[serde(default)]
     pub recommended_sampler: StepRule,
@@ -156,9 +162,10 @@ impl ModelSpec {
         if !(self.bit_scale.is_finite() && self.bit_scale > 0.0) {
             return invalid("bit_scale must be a positive number");
         }
+        let td_ok = |td: f32| td.is_finite() && td >= 0.0;
         if self.recommended_steps == 0
-            || !self.recommended_td.is_finite()
-            || self.recommended_td < 0.0
+            || !td_ok(self.recommended_td)
+            || !self.recommended_free_td.is_none_or(td_ok)
         {
             return invalid("recommended steps must be > 0 and td >= 0");
         }
@@ -225,6 +232,7 @@ pub(crate) mod tests {
             head: Head::Softmax,
             recommended_steps: 100,
             recommended_td: 1.0,
+            recommended_free_td: Some(3.0),
             recommended_sampler: StepRule::Ddpm,
             recommended_guidance: 2.5,
             recommended_warp: 0.6,
@@ -248,9 +256,11 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
-        // Files from before the step rule, guidance, warp and self-guidance were recorded: DDIM,
-        // plain conditioning, evenly spaced steps, plain self-conditioning.
+        // Files from before the step rule, guidance, warp, self-guidance and the free samples' td
+        // were recorded: DDIM, plain conditioning, evenly spaced steps, plain self-conditioning,
+        // one td.
         let newer = [
+            "recommended_free_td",
             "recommended_sampler",
             "recommended_guidance",
             "recommended_warp",
@@ -262,8 +272,13 @@ pub(crate) mod tests {
         assert_eq!(back.recommended_guidance, 1.0);
         assert_eq!(back.recommended_warp, 1.0);
         assert_eq!(back.recommended_self_guidance, 1.0);
+        assert_eq!(back.recommended_free_td, None);
         let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
         assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
+        for td in [-1.0, f32::NAN] {
+            let backwards = ModelSpec { recommended_free_td: Some(td), ..example_spec() };
+            assert!(backwards.validate().unwrap_err().to_string().contains("td >= 0"));
+        }
     }
 
     #[test]

@@ -251,3 +251,22 @@ fn self_guidance_needs_a_self_conditioned_model_and_a_non_negative_weight() {
     assert!(err.contains("trained with self-conditioning"), "{err}");
     assert!(sample(&mut net, &config(5, 0.0, StepRule::Ddim), 1, None, |_, _| {}).is_ok());
 }
+
+#[test]
+fn recommended_settings_depend_on_whether_characters_are_known() {
+    let spec = ModelSpec {
+        recommended_td: 2.0,
+        recommended_free_td: Some(3.5),
+        recommended_guidance: 5.0,
+        recommended_self_guidance: 2.5,
+        ..spec(8, true, Head::Softmax)
+    };
+    // Free samples: their own td, self-guidance, and no classifier-free guidance (nothing known).
+    let free = SamplerConfig::recommended(&spec, 7, false);
+    assert_eq!((free.td, free.guidance, free.self_guidance, free.seed), (3.5, 1.0, 2.5, 7));
+    // With known characters: the shared td, guidance, and no self-guidance.
+    let known = SamplerConfig::recommended(&spec, 7, true);
+    assert_eq!((known.td, known.guidance, known.self_guidance), (2.0, 5.0, 1.0));
+    let one_td = ModelSpec { recommended_free_td: None, ..spec };
+    assert_eq!(SamplerConfig::recommended(&one_td, 7, false).td, 2.0);
+}

@@ -361,6 +361,7 @@ impl Trainer {
             head: config.head,
             recommended_steps: config.sample_steps,
             recommended_td: config.sample_td,
+            recommended_free_td: None,
             recommended_sampler: StepRule::Ddim,
             recommended_guidance: 1.0,
             recommended_self_guidance: 1.0,

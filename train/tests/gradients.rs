@@ -24,6 +24,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
         head,
         recommended_steps: 10,
         recommended_td: 0.0,
+        recommended_free_td: None,
         recommended_sampler: StepRule::Ddim,
         recommended_guidance: 1.0,
         recommended_self_guidance: 1.0,

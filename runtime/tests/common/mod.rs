@@ -18,6 +18,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
         head,
         recommended_steps: 50,
         recommended_td: 1.0,
+        recommended_free_td: None,
         recommended_sampler: StepRule::Ddim,
         recommended_guidance: 1.0,
         recommended_self_guidance: 1.0,
