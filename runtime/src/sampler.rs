@@ -167,19 +167,19 @@ pub fn sample<D: Denoiser + ?Sized>(
         _ => known,
     }
     .map(|k| KnownBits::new(&spec, k));
-    // Guidance needs something known: with nothing known both passes would be the same.
+    // Guidance needs something known (with nothing known both passes would be the same);
+    // self-guidance is for free samples only (see `SamplerConfig::self_guidance`).
+    let config = &config.clone().for_task(known.as_ref().is_some_and(KnownBits::any));
     let mut guidance = known
         .as_ref()
-        .filter(|k| config.guidance != 1.0 && method == ConditioningMethod::Trained && k.any())
+        .filter(|_| config.guidance != 1.0 && method == ConditioningMethod::Trained)
         .map(|k| Guidance::new(k, config.guidance));
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
 
     let mut x_t = gaussian(&mut rng, size);
     let mut x_pred = vec![0.0f32; size];
     let mut x0 = vec![0.0f32; size];
-    let self_guidance =
-        if known.as_ref().is_some_and(KnownBits::any) { 1.0 } else { config.self_guidance };
-    let mut x0_blind = vec![0.0f32; if self_guidance == 1.0 { 0 } else { size }];
+    let mut x0_blind = vec![0.0f32; if config.self_guidance == 1.0 { 0 } else { size }];
     let no_self_cond = vec![0.0f32; size];
     let mut t_batch = vec![0.0f32; n];
     let mut t_state = 1.0f32; // the noise level x_t really has
@@ -202,10 +202,10 @@ pub fn sample<D: Denoiser + ?Sized>(
         };
         estimate(net, &mut guidance, &input, &mut x0)?;
         // At the first step there is no previous x0 yet: both passes would be the same.
-        if self_guidance != 1.0 && step > 0 {
+        if config.self_guidance != 1.0 && step > 0 {
             let blind = DenoiseInput { x_self: &no_self_cond, ..input };
             estimate(net, &mut guidance, &blind, &mut x0_blind)?;
-            extrapolate(&mut x0, &x0_blind, self_guidance);
+            extrapolate(&mut x0, &x0_blind, config.self_guidance);
         }
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
