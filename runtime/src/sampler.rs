@@ -283,8 +283,8 @@ fn check(
     if config.steps == 0 {
         return Err(SampleError::Config("steps must be at least 1".into()));
     }
-    if !(config.td.is_finite() && config.td >= 0.0) {
-        return Err(SampleError::Config(format!("td must be >= 0, got {}", config.td)));
+    if let Some(problem) = td_problem(config.td) {
+        return Err(SampleError::Config(problem));
     }
     if let Some(problem) = guidance_problem(config.guidance, spec.conditioning) {
         return Err(SampleError::Config(problem));
@@ -342,6 +342,11 @@ fn weight_problem(setting: &str, weight: f32, trained: bool, needs: &str) -> Opt
     } else {
         None
     }
+}
+
+/// Why a time delta is not one, if it is not.
+pub fn td_problem(td: f32) -> Option<String> {
+    (!(td.is_finite() && td >= 0.0)).then(|| format!("td must be >= 0, got {td}"))
 }
 
 /// Why a time warp is not one, if it is not.

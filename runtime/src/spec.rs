@@ -2,7 +2,7 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
-use crate::sampler::{guidance_problem, self_guidance_problem, warp_problem, StepRule};
+use crate::sampler::{guidance_problem, self_guidance_problem, td_problem, warp_problem, StepRule};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -162,12 +162,13 @@ impl ModelSpec {
         if !(self.bit_scale.is_finite() && self.bit_scale > 0.0) {
             return invalid("bit_scale must be a positive number");
         }
-        let td_ok = |td: f32| td.is_finite() && td >= 0.0;
-        if self.recommended_steps == 0
-            || !td_ok(self.recommended_td)
-            || !self.recommended_free_td.is_none_or(td_ok)
-        {
-            return invalid("recommended steps must be > 0 and td >= 0");
+        if self.recommended_steps == 0 {
+            return invalid("recommended steps must be > 0");
+        }
+        for td in std::iter::once(self.recommended_td).chain(self.recommended_free_td) {
+            if let Some(problem) = td_problem(td) {
+                return invalid(&format!("recommended {problem}"));
+            }
         }
         if let Some(problem) = guidance_problem(self.recommended_guidance, self.conditioning) {
             return invalid(&format!("recommended {problem}"));
@@ -276,8 +277,12 @@ pub(crate) mod tests {
         let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
         assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
         for td in [-1.0, f32::NAN] {
-            let backwards = ModelSpec { recommended_free_td: Some(td), ..example_spec() };
-            assert!(backwards.validate().unwrap_err().to_string().contains("td >= 0"));
+            let free = ModelSpec { recommended_free_td: Some(td), ..example_spec() };
+            let conditional = ModelSpec { recommended_td: td, ..example_spec() };
+            for backwards in [free, conditional] {
+                let error = backwards.validate().unwrap_err().to_string();
+                assert!(error.contains("recommended td must be >= 0"), "{error}");
+            }
         }
     }
 
