@@ -975,25 +975,27 @@ mod eval {
         } else {
             println!("{mode}: {} samples, {config}", texts.len());
             println!(
-                "generated words {:.1}% of {} (mean length {:.1}; weighted by length {:.1}%)   \
-                 boundary words {:.1}% of {} (mean length {:.1})   \
+                "generated words {:.1}% of {} (mean length {:.1})   \
+                 boundary words {:.1}% of {} (mean length {:.1}; with no seam: {:.1}%)   \
                  generated words beside a boundary {:.1}% of {}   \
                  generated characters' entropy {:.3} bits",
                 100.0 * q.generated_word_rate,
                 q.generated_words,
                 q.generated_mean_length,
-                100.0 * q.generated_word_rate_by_length,
                 100.0 * q.boundary_word_rate,
                 q.boundary_words,
                 q.boundary_mean_length,
+                100.0 * q.seamless_boundary_word_rate,
                 100.0 * q.adjacent_word_rate,
                 q.adjacent_words,
                 q.generated_char_entropy
             );
             println!(
                 "validation windows, same known positions: generated-position words {:.1}%, \
-                 entropy {:.3} bits",
+                 boundary words {:.1}% (with no seam: {:.1}%), entropy {:.3} bits",
                 100.0 * real.generated_word_rate,
+                100.0 * real.boundary_word_rate,
+                100.0 * real.seamless_boundary_word_rate,
                 real.generated_char_entropy
             );
         }

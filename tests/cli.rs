@@ -127,6 +127,18 @@ fn train_export_sample_and_resume_through_the_cli() {
         chardiff(&["sample", "--model", s(&model), "-n", "3", "--steps", "10", "--seed", "1"]);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text, "same seed, same text");
 
+    // Conditional generation measured on the corpus's validation windows, beside the windows
+    // themselves (real text's boundary words are its control for the seamless rate).
+    let args = ["eval", "--corpus", s(&c), "--model", s(&model), "--condition", "prefix"];
+    let out = chardiff(&[&args[..], &["-n", "4", "--steps", "4", "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["samples"], 4);
+    for q in [&report["quality"], &report["validation_windows"]] {
+        let seamless = q["seamless_boundary_word_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&seamless), "{q}");
+    }
+
     // The NNEF archive of the same run samples the same text.
     let nnef = dir.path().join("m.nnef.tar");
     let out = chardiff(&["export", s(&run), "--out", s(&nnef), "--format", "nnef"]);
@@ -244,7 +256,7 @@ fn train_export_sample_and_resume_through_the_cli() {
     assert_eq!(from_retuned.stdout, explicit.stdout, "tune records the settings, nothing else");
     assert_eq!(free(&retuned, &[]), free(&tuned, &[]));
     fails_with(&["tune", s(&model), "--out", s(&retuned), "--warp", "0"], "warp must be > 0");
-    fails_with(&["tune", s(&model), "--out", s(&retuned), "--free-td=-1"], "td >= 0");
+    fails_with(&["tune", s(&model), "--out", s(&retuned), "--free-td=-1"], "td must be >= 0");
     fails_with(
         &["tune", s(&model), "--out", s(&retuned), "--self-guidance=-1"],
         "self-guidance must be >= 0",
