@@ -809,16 +809,24 @@ pub(crate) fn make_batch(
 }
 
 /// Which characters of one window are given to a conditional model: nothing, a prefix, a
-/// suffix, or 1-5 random spans (known spans, or everything but the spans). Never everything.
+/// suffix, one gap between a known prefix and a known suffix (an `--infill` template's shape,
+/// which spans of up to a quarter window seldom make), or 1-5 random spans (known spans, or
+/// everything but the spans). Never everything.
 pub fn known_positions(l: usize, rng: &mut impl Rng) -> Vec<u8> {
     let mut known = vec![0u8; l];
-    if l < 2 {
+    if l < 3 {
         return known;
     }
-    match rng.random_range(0..4) {
+    match rng.random_range(0..5) {
         0 => {}
         1 => known[..rng.random_range(1..l)].fill(1),
         2 => known[rng.random_range(1..l)..].fill(1),
+        3 => {
+            let len = rng.random_range(1..=l - 2);
+            let start = rng.random_range(1..l - len);
+            known.fill(1);
+            known[start..start + len].fill(0);
+        }
         _ => {
             for _ in 0..rng.random_range(1..=5) {
                 let len = rng.random_range(1..=(l / 4).max(1));
@@ -994,6 +1002,18 @@ mod tests {
             kinds.insert((k[0], k[11], k.iter().filter(|&&m| m == 1).count() == 0));
         }
         assert!(kinds.len() >= 4, "prefixes, suffixes, spans and nothing all occur: {kinds:?}");
+        // Infills: one gap of at least half the window with known text on both sides.
+        let infills = (0..2000)
+            .map(|_| known_positions(12, &mut rng))
+            .filter(|k| {
+                let gap: Vec<usize> = (0..12).filter(|&i| k[i] == 0).collect();
+                gap.len() >= 6
+                    && gap[0] > 0
+                    && gap[gap.len() - 1] - gap[0] == gap.len() - 1
+                    && k[11] == 1
+            })
+            .count();
+        assert!(infills > 100, "long infill gaps are drawn often: {infills} of 2000");
     }
 
     #[test]
