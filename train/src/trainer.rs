@@ -814,14 +814,14 @@ pub(crate) fn make_batch(
 /// everything but the spans). Never everything.
 pub fn known_positions(l: usize, rng: &mut impl Rng) -> Vec<u8> {
     let mut known = vec![0u8; l];
-    if l < 3 {
+    if l < 2 {
         return known;
     }
     match rng.random_range(0..5) {
         0 => {}
         1 => known[..rng.random_range(1..l)].fill(1),
         2 => known[rng.random_range(1..l)..].fill(1),
-        3 => {
+        3 if l >= 3 => {
             let len = rng.random_range(1..=l - 2);
             let start = rng.random_range(1..l - len);
             known.fill(1);
