@@ -3,7 +3,9 @@
 
 use anyhow::{Context, Result};
 use chardiff_runtime::generate;
-use chardiff_runtime::sampler::{sample, ConditioningMethod, SamplerConfig, StepRule};
+use chardiff_runtime::sampler::{
+    sample, ConditioningMethod, GuidedOutput, SamplerConfig, StepRule,
+};
 use chardiff_runtime::spec::serde_name;
 #[cfg(feature = "train")]
 use chardiff_runtime::tract::Format;
@@ -193,6 +195,15 @@ struct SamplerFlags {
     /// infills and --length are not affected [default: the model's recommendation].
     #[arg(long)]
     self_guidance: Option<f32>,
+    /// What self-guidance extrapolates: x0, or logits (softmax heads; keeps the entropy up under
+    /// a low --temperature) [default: the model's recommendation, else x0].
+    #[arg(long, value_parser = enum_arg::<GuidedOutput>)]
+    self_guidance_on: Option<GuidedOutput>,
+    /// Softmax temperature of free samples (softmax head only): x0 is the mean character code
+    /// under softmax(logits / T); below 1 sharper, more real words and less varied text.
+    /// Prompts, infills and --length are not affected [default: the model's recommendation].
+    #[arg(long)]
+    temperature: Option<f32>,
 }
 
 /// What `export` and `tune` record: the sampling settings, and a td of its own for free samples.
@@ -210,7 +221,16 @@ struct RecommendFlags {
 #[cfg(feature = "train")]
 impl From<RecommendFlags> for chardiff_export::Recommendation {
     fn from(f: RecommendFlags) -> Self {
-        let SamplerFlags { steps, td, sampler, guidance, warp, self_guidance } = f.settings;
+        let SamplerFlags {
+            steps,
+            td,
+            sampler,
+            guidance,
+            warp,
+            self_guidance,
+            self_guidance_on,
+            temperature,
+        } = f.settings;
         let free_td = f.free_td;
         chardiff_export::Recommendation {
             steps,
@@ -220,6 +240,8 @@ impl From<RecommendFlags> for chardiff_export::Recommendation {
             guidance,
             warp,
             self_guidance,
+            self_guidance_on,
+            temperature,
         }
     }
 }
@@ -418,6 +440,8 @@ impl SamplingFlags {
             guidance: given.guidance.unwrap_or(recommended.guidance),
             warp: given.warp.unwrap_or(recommended.warp),
             self_guidance: given.self_guidance.unwrap_or(recommended.self_guidance),
+            self_guidance_on: given.self_guidance_on.unwrap_or(recommended.self_guidance_on),
+            temperature: given.temperature.unwrap_or(recommended.temperature),
             ..recommended
         }
         .for_task(conditional)
@@ -970,7 +994,7 @@ mod eval {
             .collect();
         let real = seam_quality(&real, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "self_guidance": config.self_guidance, "quality": q, "validation_windows": real });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "self_guidance": config.self_guidance, "self_guidance_on": config.self_guidance_on, "temperature": config.temperature, "quality": q, "validation_windows": real });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             println!("{mode}: {} samples, {config}", texts.len());

@@ -214,6 +214,10 @@ fn train_export_sample_and_resume_through_the_cli() {
         "0.6",
         "--self-guidance",
         "2",
+        "--temperature",
+        "0.7",
+        "--self-guidance-on",
+        "logits",
     ];
     // Free samples with their own td.
     let free_td = ["--free-td", "1"];
@@ -224,7 +228,10 @@ fn train_export_sample_and_resume_through_the_cli() {
     let report: serde_json::Value = serde_json::from_slice(&bench.stdout).unwrap();
     assert_eq!(report["steps"], 7);
     let sampling = report["sampling"].as_str().unwrap();
-    assert_eq!(sampling, "7 ddpm steps, td 1, warp 0.6, self-guidance 2");
+    assert_eq!(
+        sampling,
+        "7 ddpm steps, td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7"
+    );
     let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2", "--prompt", "the"]);
     let explicit = chardiff(
         &[&["sample", "--model", s(&model), "-n", "2", "--prompt", "the"][..], &tune].concat(),
@@ -241,7 +248,11 @@ fn train_export_sample_and_resume_through_the_cli() {
     };
     let mut free_explicit = tune;
     free_explicit[3] = "1"; // --td
-    assert_eq!(free(&tuned, &[]), free(&model, &free_explicit), "and its self-guidance and td");
+    assert_eq!(
+        free(&tuned, &[]),
+        free(&model, &free_explicit),
+        "and its self-guidance, temperature and td"
+    );
     assert_ne!(free(&tuned, &[]), free(&model, &tune));
     assert_ne!(free(&model, &[]), free(&model, &tune));
     // The same settings written into an exported file afterwards.
@@ -250,7 +261,9 @@ fn train_export_sample_and_resume_through_the_cli() {
     let out = chardiff(&retune);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("td 1, warp 0.6, self-guidance 2 for free samples"), "{stderr}");
+    let free_settings =
+        "td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7 for free samples";
+    assert!(stderr.contains(free_settings), "{stderr}");
     assert!(stderr.contains("td 0, warp 0.6, guidance 2 for prompts"), "{stderr}");
     let from_retuned = chardiff(&["sample", "--model", s(&retuned), "-n", "2", "--prompt", "the"]);
     assert_eq!(from_retuned.stdout, explicit.stdout, "tune records the settings, nothing else");
@@ -261,6 +274,9 @@ fn train_export_sample_and_resume_through_the_cli() {
         &["tune", s(&model), "--out", s(&retuned), "--self-guidance=-1"],
         "self-guidance must be >= 0",
     );
+    fails_with(&["tune", s(&model), "--out", s(&retuned), "--temperature=-1"], "must be > 0");
+    fails_with(&["sample", "--temperature", "0"], "temperature must be > 0");
+    fails_with(&["sample", "--self-guidance-on", "bits"], "unknown variant `bits`");
     fails_with(&["tune", s(&short), "--out", s(&retuned)], "is not an ONNX file");
     fails_with(
         &["export", s(&run), "--out", s(&tuned), "--steps", "0"],

@@ -4,9 +4,9 @@
 use candle_core::{DType, Device, Tensor};
 use chardiff_export::{denoiser_graph, read_onnx_model, to_onnx_bytes, ExportError};
 use chardiff_runtime::bench::{max_x0_difference, x0_differences, RandomBatch};
-use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::sampler::{sample, GuidedOutput, SamplerConfig, StepRule};
 use chardiff_runtime::tract::{native_f16, onnx_to_nnef, LoadError, Parallelism, TractDenoiser};
-use chardiff_runtime::Denoiser;
+use chardiff_runtime::{mean_code, Denoiser};
 use chardiff_runtime::{Head, Precision};
 use chardiff_train::calibrate::{calibrate, CalibrationError};
 use chardiff_train::candle::Params;
@@ -127,6 +127,37 @@ fn parity(model: TrainedModel) -> f32 {
         let diff = max_x0_difference(&mut candle, &mut tract, batch, seed as u64).unwrap();
         let nnef_diff = max_x0_difference(&mut candle, &mut nnef, batch, seed as u64).unwrap();
         worst = worst.max(diff).max(nnef_diff);
+    }
+    worst.max(logits_parity(&mut candle, &mut [&mut tract, &mut nnef]))
+}
+
+/// A softmax head's logits, which the sampler reshapes (temperature, self-guidance): the same in
+/// candle and in each tract plan, and their mean code at temperature 1 is the graph's x0. A bit
+/// head has none to give. The worst difference of the logits.
+fn logits_parity(candle: &mut impl Denoiser, plans: &mut [&mut TractDenoiser]) -> f32 {
+    let spec = candle.spec().clone();
+    let data = RandomBatch::new(&spec, 3, 5);
+    let size = 3 * spec.window * spec.charset.bytes().len();
+    let (mut expected, mut logits, mut x0) = (vec![0.0; size], vec![0.0; size], data.output());
+    let mut worst = 0.0f32;
+    for plan in plans {
+        if spec.head == Head::Bits {
+            let err = plan.logits(&data.input(), &mut logits).unwrap_err().to_string();
+            assert!(err.contains("gives no logits"), "{err}");
+            continue;
+        }
+        candle.logits(&data.input(), &mut expected).unwrap();
+        plan.logits(&data.input(), &mut logits).unwrap();
+        plan.denoise(&data.input(), &mut x0).unwrap();
+        let diff = expected.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        worst = worst.max(diff);
+        let mut mean = data.output();
+        mean_code(&spec.analog_bits().codes(&spec.charset), &logits, 1.0, &mut mean);
+        let from_logits = mean.iter().zip(&x0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(
+            from_logits <= 1e-5,
+            "the graph's x0 vs the mean code of its logits: {from_logits}"
+        );
     }
     worst
 }
@@ -265,6 +296,15 @@ fn same_seed_gives_the_same_text_on_candle_and_tract() {
         sample(&mut candle, &ddpm, 2, None, |_, _| {}).unwrap(),
         sample(&mut tract, &ddpm, 2, None, |_, _| {}).unwrap()
     );
+    // Through the softmax head's logits: cooler, self-guided on them or on x0.
+    for on in [GuidedOutput::Logits, GuidedOutput::X0] {
+        let reshaped =
+            SamplerConfig { self_guidance: 2.0, self_guidance_on: on, temperature: 0.6, ..ddpm };
+        assert_eq!(
+            sample(&mut candle, &reshaped, 2, None, |_, _| {}).unwrap(),
+            sample(&mut tract, &reshaped, 2, None, |_, _| {}).unwrap()
+        );
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ pub use denoiser::{denoiser_graph, ExportError};
 pub use import::read_onnx_model;
 
 use chardiff_runtime::corpus::{read_text, Corpus, CorpusError};
-use chardiff_runtime::sampler::StepRule;
+use chardiff_runtime::sampler::{GuidedOutput, StepRule};
 use chardiff_runtime::spec::METADATA_PREFIX;
 use chardiff_runtime::tract::{onnx_to_nnef, Format, LoadError};
 use chardiff_runtime::{ModelSpec, Precision, SpecError};
@@ -88,6 +88,8 @@ pub struct Recommendation {
     pub guidance: Option<f32>,
     pub warp: Option<f32>,
     pub self_guidance: Option<f32>,
+    pub self_guidance_on: Option<GuidedOutput>,
+    pub temperature: Option<f32>,
 }
 
 impl Recommendation {
@@ -101,6 +103,9 @@ impl Recommendation {
         spec.recommended_warp = self.warp.unwrap_or(spec.recommended_warp);
         spec.recommended_self_guidance =
             self.self_guidance.unwrap_or(spec.recommended_self_guidance);
+        spec.recommended_self_guidance_on =
+            self.self_guidance_on.unwrap_or(spec.recommended_self_guidance_on);
+        spec.recommended_temperature = self.temperature.unwrap_or(spec.recommended_temperature);
         spec.validate()
     }
 }

@@ -99,6 +99,29 @@ impl AnalogBits {
     }
 }
 
+/// The softmax head's x0: at each position, the mean of the charset's `codes` ([V, BITS], from
+/// `AnalogBits::codes`) under softmax(logits / temperature), for `logits` [n, V] into `x0`
+/// [n, BITS]. At temperature 1 it is what the exported graph's head computes (tested against
+/// it); below 1 each distribution is sharper, and x0 nearer the code of its likeliest character.
+pub fn mean_code(codes: &[f32], logits: &[f32], temperature: f32, x0: &mut [f32]) {
+    let v = codes.len() / BITS;
+    let mut weights = [0.0f32; 256];
+    for (logits, x) in logits.chunks_exact(v).zip(x0.chunks_exact_mut(BITS)) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights = &mut weights[..v];
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            *w = ((l - max) / temperature).exp();
+        }
+        let total: f32 = weights.iter().sum();
+        x.fill(0.0);
+        for (&w, code) in weights.iter().zip(codes.chunks_exact(BITS)) {
+            for (x, &c) in x.iter_mut().zip(code) {
+                *x += w / total * c;
+            }
+        }
+    }
+}
+
 /// The sorted set of byte values a corpus uses.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
@@ -161,6 +184,35 @@ impl From<Charset> for Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_softmax_mean_code_sharpens_toward_the_likeliest_character() {
+        let bits = AnalogBits { code: BitCode::Gray, scale: 1.0 };
+        let charset = Charset::of(b"abc");
+        let codes = bits.codes(&charset);
+        let mut x0 = [0.0f32; BITS];
+        // Equal logits: the plain mean of the codes, whatever the temperature.
+        let mean: Vec<f32> =
+            (0..BITS).map(|i| (codes[i] + codes[BITS + i] + codes[16 + i]) / 3.0).collect();
+        for temperature in [1.0, 0.3] {
+            mean_code(&codes, &[2.0; 3], temperature, &mut x0);
+            assert!(x0.iter().zip(&mean).all(|(a, b)| (a - b).abs() < 1e-6), "{x0:?}");
+        }
+        // At temperature 1 the softmax weights themselves: p = softmax([0, ln 3, 0]) = (.2, .6, .2).
+        mean_code(&codes, &[0.0, 3f32.ln(), 0.0], 1.0, &mut x0);
+        for i in 0..BITS {
+            let expected = 0.2 * codes[i] + 0.6 * codes[BITS + i] + 0.2 * codes[16 + i];
+            assert!((x0[i] - expected).abs() < 1e-6);
+        }
+        // Cooler: nearer b's code; at a tiny temperature, b's code.
+        let distance =
+            |x: &[f32]| x.iter().zip(&codes[BITS..16]).map(|(a, b)| (a - b).abs()).sum::<f32>();
+        let warm = distance(&x0);
+        mean_code(&codes, &[0.0, 3f32.ln(), 0.0], 0.5, &mut x0);
+        assert!(distance(&x0) < warm);
+        mean_code(&codes, &[0.0, 3f32.ln(), 0.0], 1e-3, &mut x0);
+        assert!(distance(&x0) < 1e-6, "{x0:?}");
+    }
 
     #[test]
     fn every_byte_round_trips_under_both_codes() {

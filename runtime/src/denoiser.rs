@@ -99,4 +99,14 @@ pub trait Denoiser {
 
     /// Writes the x0 prediction [B, L, K] into `x0`.
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError>;
+
+    /// For a softmax head: writes the logits [B, L, V] over the charset (V characters) whose
+    /// softmax x0 is the mean code of (`AnalogBits::mean_codes`). The sampler asks for them to
+    /// apply a temperature or self-guidance (`SamplerConfig`).
+    fn logits(&mut self, _input: &DenoiseInput<'_>, _logits: &mut [f32]) -> Result<(), BoxError> {
+        Err(NO_LOGITS.into())
+    }
 }
+
+/// What a denoiser without the softmax head's logits answers when asked for them.
+pub const NO_LOGITS: &str = "this denoiser gives no logits (only a softmax head has them)";

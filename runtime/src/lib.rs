@@ -17,8 +17,8 @@ pub mod spec;
 #[cfg(feature = "nnef")]
 pub mod tract;
 
-pub use bits::{AnalogBits, BitCode, Charset, BITS};
-pub use denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
-pub use sampler::{sample, ConditioningMethod, SampleError, SamplerConfig, StepRule};
+pub use bits::{mean_code, AnalogBits, BitCode, Charset, BITS};
+pub use denoiser::{BoxError, Condition, DenoiseInput, Denoiser, NO_LOGITS};
+pub use sampler::{sample, ConditioningMethod, GuidedOutput, SampleError, SamplerConfig, StepRule};
 pub use schedule::Schedule;
 pub use spec::{Head, ModelSpec, Precision, Provenance, SpecError};

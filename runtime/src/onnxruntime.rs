@@ -2,8 +2,8 @@
 //! benches): chardiff's runtime is tract. The library is loaded at run time from
 //! `ORT_DYLIB_PATH`; nothing is downloaded or linked at build time.
 
-use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
-use crate::spec::{ModelSpec, SpecError};
+use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser, NO_LOGITS};
+use crate::spec::{Head, ModelSpec, SpecError};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -67,6 +67,25 @@ impl Denoiser for OrtDenoiser {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        self.run_output(input, io::X0, x0)
+    }
+
+    fn logits(&mut self, input: &DenoiseInput<'_>, logits: &mut [f32]) -> Result<(), BoxError> {
+        if self.spec.head != Head::Softmax {
+            return Err(NO_LOGITS.into());
+        }
+        self.run_output(input, io::LOGITS, logits)
+    }
+}
+
+impl OrtDenoiser {
+    /// One call of the network, copying its output `name` into `out`.
+    fn run_output(
+        &mut self,
+        input: &DenoiseInput<'_>,
+        name: &str,
+        out: &mut [f32],
+    ) -> Result<(), BoxError> {
         let inputs = input
             .graph_inputs(&self.spec)?
             .into_iter()
@@ -75,8 +94,8 @@ impl Denoiser for OrtDenoiser {
             })
             .collect::<Result<Vec<_>, ort::Error>>()?;
         let outputs = self.session.run(inputs)?;
-        let (_, data) = outputs[io::X0].try_extract_tensor::<f32>()?;
-        x0.copy_from_slice(data);
+        let (_, data) = outputs[name].try_extract_tensor::<f32>()?;
+        out.copy_from_slice(data);
         Ok(())
     }
 }

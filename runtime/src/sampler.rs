@@ -1,9 +1,10 @@
 //! THE denoising loop (Analog Bits, Algorithm 2 with asymmetric time intervals), generic over the
 //! network: pure noise in, the decoded last x0 prediction out.
 
+use crate::bits::mean_code;
 use crate::denoiser::{BoxError, Condition, DenoiseInput, Denoiser};
 use crate::schedule::noised;
-use crate::spec::ModelSpec;
+use crate::spec::{Head, ModelSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -17,6 +18,18 @@ pub enum StepRule {
     Ddim,
     /// Ancestral: fresh noise at every step.
     Ddpm,
+}
+
+/// The network output self-guidance extrapolates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuidedOutput {
+    /// The x0 estimate (any head; the only formula before 2026-12-04).
+    #[default]
+    X0,
+    /// A softmax head's logits over the charset; x0 then follows at the temperature. With a
+    /// temperature below 1 it keeps the entropy nearer real text's (BENCHMARKS.md).
+    Logits,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -33,19 +46,37 @@ pub struct SamplerConfig {
     /// How the steps' times are spaced (`step_time`): 1 evenly; below 1 more of them at middle
     /// noise levels, where the network does its work, and fewer near t = 0 and t = 1.
     pub warp: f32,
-    /// Self-guidance weight for self-conditioned models: each step's x0 is
-    /// x0(blind) + w (x0(seeing) - x0(blind)), seeing or not the previous step's x0. 1 is plain
-    /// self-conditioning; above 1 costs a second pass of the network per step and leans harder
-    /// on what the sampler has already worked out. Free samples only: on top of classifier-free
-    /// guidance it made the words at a prompt's end far less real (BENCHMARKS.md), so with
-    /// known characters it is off, as classifier-free guidance is without them.
+    /// Self-guidance weight for self-conditioned models: the network's output is
+    /// blind + w (seeing - blind), seeing or not the previous step's x0 (which output:
+    /// `self_guidance_on`). 1 is plain self-conditioning; above 1 costs a second pass of the
+    /// network per step and leans harder on what the sampler has already worked out. Free
+    /// samples only: on top of classifier-free guidance it made the words at a prompt's end far
+    /// less real (BENCHMARKS.md), so with known characters it is off, as classifier-free
+    /// guidance is without them.
     pub self_guidance: f32,
+    /// What self-guidance extrapolates: x0, or a softmax head's logits.
+    pub self_guidance_on: GuidedOutput,
+    /// Softmax head only: x0 is the mean code under softmax(logits / temperature)
+    /// (`bits::mean_code`). 1 is the network's own estimate; below 1 each position's
+    /// distribution is sharper. Free samples only, like self-guidance (not measured with known
+    /// characters, whose classifier-free guidance extrapolates x0).
+    pub temperature: f32,
 }
 
 impl SamplerConfig {
     /// Plain conditioning (guidance 1).
     pub fn new(steps: usize, td: f32, rule: StepRule, seed: u64) -> SamplerConfig {
-        SamplerConfig { steps, td, rule, seed, guidance: 1.0, warp: 1.0, self_guidance: 1.0 }
+        SamplerConfig {
+            steps,
+            td,
+            rule,
+            seed,
+            guidance: 1.0,
+            warp: 1.0,
+            self_guidance: 1.0,
+            self_guidance_on: GuidedOutput::X0,
+            temperature: 1.0,
+        }
     }
 
     /// The settings `spec` recommends for free samples or, when `conditional`, for samples with
@@ -60,16 +91,20 @@ impl SamplerConfig {
             guidance: spec.recommended_guidance,
             warp: spec.recommended_warp,
             self_guidance: spec.recommended_self_guidance,
+            self_guidance_on: spec.recommended_self_guidance_on,
+            temperature: spec.recommended_temperature,
         }
         .for_task(conditional)
     }
 
     /// These settings as `sample` runs them: classifier-free guidance steers only samples with
-    /// known characters and self-guidance only free ones, so each reads 1 where it does nothing.
+    /// known characters and self-guidance and temperature only free ones, so each reads 1 where
+    /// it does nothing.
     pub fn for_task(self, conditional: bool) -> SamplerConfig {
         SamplerConfig {
             guidance: if conditional { self.guidance } else { 1.0 },
             self_guidance: if conditional { 1.0 } else { self.self_guidance },
+            temperature: if conditional { 1.0 } else { self.temperature },
             ..self
         }
     }
@@ -108,6 +143,12 @@ impl std::fmt::Display for SamplerConfig {
         }
         if self.self_guidance != 1.0 {
             write!(f, ", self-guidance {}", self.self_guidance)?;
+            if self.self_guidance_on == GuidedOutput::Logits {
+                write!(f, " on the logits")?;
+            }
+        }
+        if self.temperature != 1.0 {
+            write!(f, ", temperature {}", self.temperature)?;
         }
         Ok(())
     }
@@ -179,7 +220,13 @@ pub fn sample<D: Denoiser + ?Sized>(
     let mut x_t = gaussian(&mut rng, size);
     let mut x_pred = vec![0.0f32; size];
     let mut x0 = vec![0.0f32; size];
-    let mut x0_blind = vec![0.0f32; if config.self_guidance == 1.0 { 0 } else { size }];
+    let guided = config.self_guidance != 1.0;
+    let mut x0_blind = vec![0.0f32; if guided { size } else { 0 }];
+    // A softmax head's estimate goes through its logits when they are reshaped (`check` made
+    // sure that the head is one).
+    let on_logits = guided && config.self_guidance_on == GuidedOutput::Logits;
+    let mut logits =
+        (on_logits || config.temperature != 1.0).then(|| Logits::new(&spec, n, guided));
     let no_self_cond = vec![0.0f32; size];
     let mut t_batch = vec![0.0f32; n];
     let mut t_state = 1.0f32; // the noise level x_t really has
@@ -200,12 +247,19 @@ pub fn sample<D: Denoiser + ?Sized>(
                 .filter(|_| method == ConditioningMethod::Trained)
                 .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        estimate(net, &mut guidance, &input, &mut x0)?;
         // At the first step there is no previous x0 yet: both passes would be the same.
-        if config.self_guidance != 1.0 && step > 0 {
-            let blind = DenoiseInput { x_self: &no_self_cond, ..input };
-            estimate(net, &mut guidance, &blind, &mut x0_blind)?;
-            extrapolate(&mut x0, &x0_blind, config.self_guidance);
+        let blind = (guided && step > 0).then_some(DenoiseInput { x_self: &no_self_cond, ..input });
+        match &mut logits {
+            Some(logits) => {
+                logits.estimate(net, &input, blind.as_ref(), config, &mut x0, &mut x0_blind)?
+            }
+            None => {
+                estimate(net, &mut guidance, &input, &mut x0)?;
+                if let Some(blind) = &blind {
+                    estimate(net, &mut guidance, blind, &mut x0_blind)?;
+                    extrapolate(&mut x0, &x0_blind, config.self_guidance);
+                }
+            }
         }
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
@@ -238,6 +292,54 @@ fn estimate<D: Denoiser + ?Sized>(
         None => net.denoise(input, x0),
     }
     .map_err(SampleError::Denoiser)
+}
+
+/// A softmax head's logits for the whole batch (and those of the blind pass for self-guidance),
+/// and the charset's codes that turn them into x0.
+struct Logits {
+    seeing: Vec<f32>,
+    blind: Vec<f32>,
+    codes: Vec<f32>,
+}
+
+impl Logits {
+    fn new(spec: &ModelSpec, n: usize, guided: bool) -> Logits {
+        let size = n * spec.window * spec.charset.bytes().len();
+        Logits {
+            seeing: vec![0.0; size],
+            blind: vec![0.0; if guided { size } else { 0 }],
+            codes: spec.analog_bits().codes(&spec.charset),
+        }
+    }
+
+    /// x0 from the logits at the config's temperature, self-guided when there is a `blind`
+    /// pass. Free samples only: classifier-free guidance extrapolates the graph's x0
+    /// (`estimate`).
+    fn estimate<D: Denoiser + ?Sized>(
+        &mut self,
+        net: &mut D,
+        input: &DenoiseInput<'_>,
+        blind: Option<&DenoiseInput<'_>>,
+        config: &SamplerConfig,
+        x0: &mut [f32],
+        x0_blind: &mut [f32],
+    ) -> Result<(), SampleError> {
+        let (w, temperature) = (config.self_guidance, config.temperature);
+        net.logits(input, &mut self.seeing).map_err(SampleError::Denoiser)?;
+        if let Some(blind) = blind {
+            net.logits(blind, &mut self.blind).map_err(SampleError::Denoiser)?;
+            if config.self_guidance_on == GuidedOutput::Logits {
+                extrapolate(&mut self.seeing, &self.blind, w);
+            } else {
+                mean_code(&self.codes, &self.blind, temperature, x0_blind);
+            }
+        }
+        mean_code(&self.codes, &self.seeing, temperature, x0);
+        if blind.is_some() && config.self_guidance_on == GuidedOutput::X0 {
+            extrapolate(x0, x0_blind, w);
+        }
+        Ok(())
+    }
 }
 
 /// Guidance's one formula: `x = base + w (x - base)`, from the weaker estimate through the
@@ -295,6 +397,12 @@ fn check(
     if let Some(problem) = self_guidance_problem(config.self_guidance, spec.self_conditioning) {
         return Err(SampleError::Config(problem));
     }
+    if let Some(problem) = temperature_problem(config.temperature, spec.head) {
+        return Err(SampleError::Config(problem));
+    }
+    if let Some(problem) = guided_output_problem(config.self_guidance_on, spec.head) {
+        return Err(SampleError::Config(problem));
+    }
     if n == 0 {
         return Err(SampleError::Config("the number of samples must be at least 1".into()));
     }
@@ -330,6 +438,27 @@ pub fn guidance_problem(weight: f32, conditioning: bool) -> Option<String> {
 /// Why a self-guidance weight cannot steer a model (self-conditioned or not), if it cannot.
 pub fn self_guidance_problem(weight: f32, self_conditioning: bool) -> Option<String> {
     weight_problem("self-guidance", weight, self_conditioning, "self-conditioning")
+}
+
+/// Why a temperature cannot reshape a model's estimate, if it cannot: it is > 0, and other
+/// than 1 only for a softmax head (a bit head has no distribution to reshape).
+pub fn temperature_problem(temperature: f32, head: Head) -> Option<String> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        Some(format!("temperature must be > 0, got {temperature}"))
+    } else if temperature != 1.0 && head != Head::Softmax {
+        Some("temperature needs a model with a softmax head (this one regresses bits)".into())
+    } else {
+        None
+    }
+}
+
+/// Why self-guidance cannot extrapolate that output of a model, if it cannot: only a softmax
+/// head has logits.
+pub fn guided_output_problem(on: GuidedOutput, head: Head) -> Option<String> {
+    (on == GuidedOutput::Logits && head != Head::Softmax).then(|| {
+        "self-guidance on the logits needs a model with a softmax head (this one regresses bits)"
+            .into()
+    })
 }
 
 /// Both guidances' rule: a weight is >= 0, and other than 1 only where the model was trained

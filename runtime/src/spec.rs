@@ -2,7 +2,10 @@
 //! as `spec.json` in a checkpoint directory and as `chardiff.*` metadata_props in an exported ONNX file.
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
-use crate::sampler::{guidance_problem, self_guidance_problem, td_problem, warp_problem, StepRule};
+use crate::sampler::{
+    guidance_problem, guided_output_problem, self_guidance_problem, td_problem,
+    temperature_problem, warp_problem, GuidedOutput, StepRule,
+};
 use crate::schedule::Schedule;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +77,14 @@ pub struct ModelSpec {
     /// plain self-conditioning).
     #[serde(default = "one")]
     pub recommended_self_guidance: f32,
+    /// What self-guidance extrapolates, `SamplerConfig::self_guidance_on` (files from before
+    /// this field: x0, the only formula then, which their weight was measured with).
+    #[serde(default)]
+    pub recommended_self_guidance_on: GuidedOutput,
+    /// Softmax temperature for free samples, `SamplerConfig::temperature` (files from before
+    /// this field: 1, the network's own estimate).
+    #[serde(default = "one")]
+    pub recommended_temperature: f32,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
@@ -181,6 +192,12 @@ impl ModelSpec {
         if let Some(problem) = self_guidance {
             return invalid(&format!("recommended {problem}"));
         }
+        if let Some(problem) = temperature_problem(self.recommended_temperature, self.head) {
+            return invalid(&format!("recommended {problem}"));
+        }
+        if let Some(problem) = guided_output_problem(self.recommended_self_guidance_on, self.head) {
+            return invalid(&format!("recommended {problem}"));
+        }
         Ok(())
     }
 
@@ -238,6 +255,8 @@ pub(crate) mod tests {
             recommended_guidance: 2.5,
             recommended_warp: 0.6,
             recommended_self_guidance: 2.5,
+            recommended_self_guidance_on: GuidedOutput::Logits,
+            recommended_temperature: 0.6,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -257,15 +276,18 @@ pub(crate) mod tests {
         let back =
             ModelSpec::from_metadata(meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
         assert_eq!(back, spec);
-        // Files from before the step rule, guidance, warp, self-guidance and the free samples' td
-        // were recorded: DDIM, plain conditioning, evenly spaced steps, plain self-conditioning,
-        // one td.
+        // Files from before the step rule, guidance, warp, self-guidance (and what it
+        // extrapolates), the free samples' td and temperature were recorded: DDIM, plain
+        // conditioning, evenly spaced steps, plain self-conditioning on x0, one td, the network's
+        // own estimate.
         let newer = [
             "recommended_free_td",
             "recommended_sampler",
             "recommended_guidance",
             "recommended_warp",
             "recommended_self_guidance",
+            "recommended_temperature",
+            "recommended_self_guidance_on",
         ];
         let older = meta.iter().filter(|(k, _)| !newer.iter().any(|n| k.ends_with(n)));
         let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
@@ -273,6 +295,8 @@ pub(crate) mod tests {
         assert_eq!(back.recommended_guidance, 1.0);
         assert_eq!(back.recommended_warp, 1.0);
         assert_eq!(back.recommended_self_guidance, 1.0);
+        assert_eq!(back.recommended_temperature, 1.0);
+        assert_eq!(back.recommended_self_guidance_on, GuidedOutput::X0);
         assert_eq!(back.recommended_free_td, None);
         let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
         assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
@@ -308,6 +332,30 @@ pub(crate) mod tests {
         assert!(guided(true, -1.0).is_err() && guided(true, f32::NAN).is_err());
         let err = guided(false, 2.5).unwrap_err().to_string();
         assert!(err.contains("self-conditioning"), "{err}");
+    }
+
+    #[test]
+    fn temperature_is_positive_and_for_softmax_heads_only() {
+        let at = |head, recommended_temperature| {
+            let on = GuidedOutput::X0;
+            let spec = ModelSpec { head, recommended_temperature, ..example_spec() };
+            ModelSpec { recommended_self_guidance_on: on, ..spec }.validate()
+        };
+        assert!(at(Head::Softmax, 0.6).is_ok() && at(Head::Bits, 1.0).is_ok());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let err = at(Head::Softmax, bad).unwrap_err().to_string();
+            assert!(err.contains("temperature must be > 0"), "{err}");
+        }
+        let err = at(Head::Bits, 0.6).unwrap_err().to_string();
+        assert!(err.contains("softmax head"), "{err}");
+        let on_logits = ModelSpec {
+            head: Head::Bits,
+            recommended_temperature: 1.0,
+            recommended_self_guidance_on: GuidedOutput::Logits,
+            ..example_spec()
+        };
+        let err = on_logits.validate().unwrap_err().to_string();
+        assert!(err.contains("self-guidance on the logits needs a model with a softmax head"));
     }
 
     #[test]

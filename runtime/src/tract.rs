@@ -8,8 +8,8 @@
 //!
 //! NNEF is always readable; ONNX needs the `onnx` feature (tract-onnx), which edge builds leave out.
 
-use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser};
-use crate::spec::{ModelSpec, Precision, SpecError};
+use crate::denoiser::{io, BoxError, DenoiseInput, Denoiser, NO_LOGITS};
+use crate::spec::{Head, ModelSpec, Precision, SpecError};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -131,9 +131,16 @@ struct Worker {
 /// A worker's plan states, one per call size it makes.
 struct States(Vec<(usize, Box<dyn State>)>);
 
+/// A worker's share of one denoising step: its network calls' inputs, and which of the graph's
+/// outputs it wants back (0: x0, 1: a softmax head's logits).
+struct Job {
+    calls: Vec<TVec<Tensor>>,
+    output: usize,
+}
+
 impl States {
-    /// One network call per input set, in order: x0 of each, as f32.
-    fn run(&mut self, calls: Vec<TVec<Tensor>>) -> TractResult<Vec<Tensor>> {
+    /// One network call per input set, in order: the wanted output of each, as f32.
+    fn run(&mut self, Job { calls, output }: Job) -> TractResult<Vec<Tensor>> {
         let mut outputs = Vec::with_capacity(calls.len());
         for inputs in calls {
             let size = inputs[0].shape()[0];
@@ -143,7 +150,7 @@ impl States {
                 .find(|(batch, _)| *batch == size)
                 .expect("a state for every call size");
             let results = state.run(inputs.into_iter().map(TValue::from).collect())?;
-            outputs.push(results[0].cast_to::<f32>()?.into_owned());
+            outputs.push(results[output].cast_to::<f32>()?.into_owned());
         }
         Ok(outputs)
     }
@@ -154,7 +161,7 @@ impl States {
 enum Runner {
     Here(States),
     Thread {
-        jobs: Option<mpsc::Sender<Vec<TVec<Tensor>>>>,
+        jobs: Option<mpsc::Sender<Job>>,
         results: mpsc::Receiver<TractResult<Vec<Tensor>>>,
         thread: Option<std::thread::JoinHandle<()>>,
     },
@@ -162,11 +169,11 @@ enum Runner {
 
 impl Runner {
     fn thread(mut states: States) -> Runner {
-        let (jobs, inbox) = mpsc::channel::<Vec<TVec<Tensor>>>();
+        let (jobs, inbox) = mpsc::channel::<Job>();
         let (outbox, results) = mpsc::channel();
         let thread = std::thread::spawn(move || {
-            for calls in inbox {
-                if outbox.send(states.run(calls)).is_err() {
+            for job in inbox {
+                if outbox.send(states.run(job)).is_err() {
                     break;
                 }
             }
@@ -870,9 +877,16 @@ fn check_contract(model: &TypedModel, spec: &ModelSpec) -> Result<(), LoadError>
     if inputs != expected {
         return Err(LoadError::Contract(format!("inputs are {inputs:?}, expected {expected:?}")));
     }
-    let output = model.output_outlets().map_err(tract_error)?.first().map(name);
-    if output.as_deref() != Some(io::X0) {
+    let outputs: Vec<String> =
+        model.output_outlets().map_err(tract_error)?.iter().map(name).collect();
+    if outputs.first().map(String::as_str) != Some(io::X0) {
         return Err(LoadError::Contract(format!("the first output must be `{}`", io::X0)));
+    }
+    if spec.head == Head::Softmax && outputs.get(1).map(String::as_str) != Some(io::LOGITS) {
+        let expected = io::LOGITS;
+        return Err(LoadError::Contract(format!(
+            "a softmax head's second output must be `{expected}`"
+        )));
     }
     Ok(())
 }
@@ -883,28 +897,51 @@ impl Denoiser for TractDenoiser {
     }
 
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        self.run_output(input, 0, x0)
+    }
+
+    fn logits(&mut self, input: &DenoiseInput<'_>, logits: &mut [f32]) -> Result<(), BoxError> {
+        if self.spec.head != Head::Softmax {
+            return Err(NO_LOGITS.into());
+        }
+        self.run_output(input, 1, logits)
+    }
+}
+
+impl TractDenoiser {
+    /// One denoising call of the whole batch, writing the graph's output number `output`
+    /// ([B, L, width]) into `out`.
+    fn run_output(
+        &mut self,
+        input: &DenoiseInput<'_>,
+        output: usize,
+        out: &mut [f32],
+    ) -> Result<(), BoxError> {
         input.graph_inputs(&self.spec)?; // a missing condition fails before any plan is made
         self.prepare(input.batch)?;
         let (spec, compute) = (&self.spec, self.compute);
-        let inputs_of = |calls: &[Range<usize>]| -> Result<Vec<_>, BoxError> {
-            calls.iter().map(|rows| network_inputs(spec, compute, input, rows.clone())).collect()
+        let job = |calls: &[Range<usize>]| -> Result<Job, BoxError> {
+            let calls = calls
+                .iter()
+                .map(|rows| network_inputs(spec, compute, input, rows.clone()))
+                .collect::<Result<_, _>>()?;
+            Ok(Job { calls, output })
         };
         // The other parts go to their threads, the first runs here, then all are collected.
         for worker in &self.workers {
             if let Runner::Thread { jobs: Some(jobs), .. } = &worker.runner {
-                jobs.send(inputs_of(&worker.calls)?)
-                    .map_err(|_| "a denoising thread has stopped")?;
+                jobs.send(job(&worker.calls)?).map_err(|_| "a denoising thread has stopped")?;
             }
         }
         let pool = self.pool.as_ref().filter(|_| self.device == Device::Cpu);
-        let per_row = spec.window * spec.bits;
+        let per_row = out.len() / input.batch.max(1);
         for worker in &mut self.workers {
             let outputs = match &mut worker.runner {
                 Runner::Here(states) => {
-                    let inputs = inputs_of(&worker.calls)?;
+                    let job = job(&worker.calls)?;
                     match pool {
-                        Some(pool) => matmul_pool::run(pool, || states.run(inputs)),
-                        None => states.run(inputs),
+                        Some(pool) => matmul_pool::run(pool, || states.run(job)),
+                        None => states.run(job),
                     }
                 }
                 Runner::Thread { results, .. } => {
@@ -912,7 +949,7 @@ impl Denoiser for TractDenoiser {
                 }
             }?;
             for (rows, output) in worker.calls.iter().zip(outputs) {
-                x0[rows.start * per_row..rows.end * per_row]
+                out[rows.start * per_row..rows.end * per_row]
                     .copy_from_slice(output.try_as_plain_ram()?.as_slice::<f32>()?);
             }
         }

@@ -1,5 +1,6 @@
 //! onnxruntime (feature `ort`, library from ORT_DYLIB_PATH) runs the shipped model like tract:
-//! the same x0 to float precision and the same text for the same seed.
+//! the same x0 to float precision and the same text for the same seed, also through the softmax
+//! head's logits.
 #![cfg(feature = "ort")]
 
 use chardiff_runtime::bench::max_x0_difference;
@@ -27,5 +28,12 @@ fn onnxruntime_and_tract_agree_on_the_shipped_model() {
     let config = SamplerConfig::new(20, 1.0, StepRule::Ddim, 3);
     let a = sample(&mut tract, &config, 2, None, |_, _| {}).unwrap();
     let b = sample(&mut ort, &config, 2, None, |_, _| {}).unwrap();
+    assert_eq!(a, b);
+    // The file's recommendation for free samples, through the softmax head's logits.
+    let recommended = SamplerConfig::recommended(tract.spec(), 3, false);
+    assert!(recommended.temperature != 1.0 && recommended.self_guidance != 1.0);
+    let recommended = SamplerConfig { steps: 20, ..recommended };
+    let a = sample(&mut tract, &recommended, 2, None, |_, _| {}).unwrap();
+    let b = sample(&mut ort, &recommended, 2, None, |_, _| {}).unwrap();
     assert_eq!(a, b);
 }

@@ -1,6 +1,8 @@
 //! The sampling loop against denoisers whose behaviour is known exactly.
 
-use chardiff_runtime::sampler::{gaussian, sample, step_time, SamplerConfig, StepRule};
+use chardiff_runtime::sampler::{
+    gaussian, sample, step_time, GuidedOutput, SamplerConfig, StepRule,
+};
 use chardiff_runtime::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -237,6 +239,107 @@ fn self_guidance_extrapolates_from_the_blind_x0_with_a_second_call() {
     assert_eq!(net.calls.len(), 3);
 }
 
+/// A softmax head with one set of logits while it sees no previous estimate and another once it
+/// does; records each call's self-conditioning input and which output was asked for.
+struct HindsightLogits {
+    spec: ModelSpec,
+    blind: Vec<f32>,
+    seeing: Vec<f32>,
+    calls: Vec<(&'static str, Vec<f32>)>,
+}
+
+impl Denoiser for HindsightLogits {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError> {
+        self.calls.push(("x0", input.x_self.to_vec()));
+        let codes = self.spec.analog_bits().codes(&self.spec.charset);
+        mean_code(&codes, &self.blind, 1.0, x0);
+        Ok(())
+    }
+
+    fn logits(&mut self, input: &DenoiseInput<'_>, logits: &mut [f32]) -> Result<(), BoxError> {
+        self.calls.push(("logits", input.x_self.to_vec()));
+        let sees = input.x_self.iter().any(|&v| v != 0.0);
+        logits.copy_from_slice(if sees { &self.seeing } else { &self.blind });
+        Ok(())
+    }
+}
+
+#[test]
+fn a_softmax_heads_temperature_and_self_guidance_act_on_its_logits() {
+    let spec = spec(3, true, Head::Softmax);
+    let v = spec.charset.bytes().len();
+    let blind: Vec<f32> = (0..3 * v).map(|i| (i % 7) as f32 * 0.5).collect();
+    let seeing: Vec<f32> = (0..3 * v).map(|i| (i % 5) as f32 * 0.8).collect();
+    let codes = spec.analog_bits().codes(&spec.charset);
+    let mean = |logits: &[f32], temperature| {
+        let mut x0 = vec![0.0; 3 * BITS];
+        mean_code(&codes, logits, temperature, &mut x0);
+        x0
+    };
+    let clamped = |x0: Vec<f32>| x0.iter().map(|v| v.clamp(-1.0, 1.0)).collect::<Vec<_>>();
+    let x0_of = |logits: &[f32], temperature| clamped(mean(logits, temperature)); // as sampled
+    let mut net = HindsightLogits {
+        spec: spec.clone(),
+        blind: blind.clone(),
+        seeing: seeing.clone(),
+        calls: vec![],
+    };
+
+    // A temperature alone: one call for the logits a step; the next step sees their x0.
+    let cool = SamplerConfig { temperature: 0.5, ..config(3, 0.0, StepRule::Ddim) };
+    sample(&mut net, &cool, 1, None, |_, _| {}).unwrap();
+    let names: Vec<_> = net.calls.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names, ["logits"; 3]);
+    assert_eq!(net.calls[1].1, x0_of(&blind, 0.5));
+    assert_eq!(net.calls[2].1, x0_of(&seeing, 0.5));
+
+    // Self-guidance on the logits extrapolates them, then the temperature applies.
+    net.calls.clear();
+    let on_logits = GuidedOutput::Logits;
+    let guided = SamplerConfig { self_guidance: 2.0, self_guidance_on: on_logits, ..cool.clone() };
+    sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
+    assert_eq!(net.calls.len(), 5);
+    let zeros = vec![0.0; 3 * BITS];
+    assert_eq!((&net.calls[2].1, &net.calls[4].1), (&zeros, &zeros), "the blind passes");
+    let extrapolated: Vec<f32> =
+        blind.iter().zip(&seeing).map(|(b, s)| b + 2.0 * (s - b)).collect();
+    assert_eq!(net.calls[3].1, x0_of(&extrapolated, 0.5));
+
+    // On x0 the temperature applies to each pass, then x0 is extrapolated.
+    net.calls.clear();
+    let on_x0 = SamplerConfig { self_guidance_on: GuidedOutput::X0, ..guided.clone() };
+    sample(&mut net, &on_x0, 1, None, |_, _| {}).unwrap();
+    let (b, s) = (mean(&blind, 0.5), mean(&seeing, 0.5));
+    let x0: Vec<f32> = b.iter().zip(&s).map(|(b, s)| b + 2.0 * (s - b)).collect();
+    assert_eq!(net.calls[3].1, clamped(x0));
+
+    // With known characters neither applies: the graph's x0, one call a step.
+    net.calls.clear();
+    let known = [Some(b'a'), None, None];
+    sample(&mut net, &guided, 1, Some(&known), |_, _| {}).unwrap();
+    assert!(net.calls.iter().all(|(name, _)| *name == "x0") && net.calls.len() == 3);
+
+    // A bit head has no distribution to reshape; a denoiser without logits says so.
+    let mut bits = Oracle::new(common::spec(3, false, Head::Bits), b"abc");
+    let err = sample(&mut bits, &cool, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("softmax head"), "{err}");
+    let mut no_logits = Oracle::new(common::spec(3, false, Head::Softmax), b"abc");
+    let err = sample(&mut no_logits, &cool, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("gives no logits"), "{err}");
+    let bits_on_logits = SamplerConfig { temperature: 1.0, ..guided.clone() };
+    let err = sample(&mut bits, &bits_on_logits, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("self-guidance on the logits needs a model with a softmax head"), "{err}");
+    for bad in [0.0, -1.0, f32::NAN] {
+        let c = SamplerConfig { temperature: bad, ..config(3, 0.0, StepRule::Ddim) };
+        let err = sample(&mut net, &c, 1, None, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("temperature must be > 0"), "{err}");
+    }
+}
+
 #[test]
 fn self_guidance_needs_a_self_conditioned_model_and_a_non_negative_weight() {
     let mut net = Oracle::new(spec(4, false, Head::Bits), b"abcd");
@@ -259,14 +362,18 @@ fn recommended_settings_depend_on_whether_characters_are_known() {
         recommended_free_td: Some(3.5),
         recommended_guidance: 5.0,
         recommended_self_guidance: 2.5,
+        recommended_temperature: 0.6,
         ..spec(8, true, Head::Softmax)
     };
-    // Free samples: their own td, self-guidance, and no classifier-free guidance (nothing known).
+    // Free samples: their own td, self-guidance, temperature, and no classifier-free guidance
+    // (nothing known).
     let free = SamplerConfig::recommended(&spec, 7, false);
     assert_eq!((free.td, free.guidance, free.self_guidance, free.seed), (3.5, 1.0, 2.5, 7));
-    // With known characters: the shared td, guidance, and no self-guidance.
+    assert_eq!(free.temperature, 0.6);
+    // With known characters: the shared td, guidance, and no self-guidance or temperature.
     let known = SamplerConfig::recommended(&spec, 7, true);
     assert_eq!((known.td, known.guidance, known.self_guidance), (2.0, 5.0, 1.0));
+    assert_eq!(known.temperature, 1.0);
     let one_td = ModelSpec { recommended_free_td: None, ..spec };
     assert_eq!(SamplerConfig::recommended(&one_td, 7, false).td, 2.0);
 }

@@ -6,7 +6,7 @@
 use crate::fused;
 use crate::model::{self, Heads, Init, ModelConfig, Ops, LN_EPS};
 use candle_core::{DType, Device, Tensor, Var, D};
-use chardiff_runtime::{BoxError, DenoiseInput, Denoiser, ModelSpec};
+use chardiff_runtime::{BoxError, DenoiseInput, Denoiser, ModelSpec, NO_LOGITS};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -341,6 +341,12 @@ impl Denoiser for CandleDenoiser {
         let out = self.forward(input)?;
         let values = out.x0.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         x0.copy_from_slice(&values);
+        Ok(())
+    }
+
+    fn logits(&mut self, input: &DenoiseInput<'_>, logits: &mut [f32]) -> Result<(), BoxError> {
+        let out = self.forward(input)?.logits.ok_or(NO_LOGITS)?;
+        logits.copy_from_slice(&out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use chardiff_runtime::corpus::{spaced_windows, Corpus, CorpusError, Preprocess};
 use chardiff_runtime::files::write_atomic;
 use chardiff_runtime::metrics::{quality, vocabulary, Quality};
-use chardiff_runtime::sampler::{sample, SamplerConfig, StepRule};
+use chardiff_runtime::sampler::{sample, GuidedOutput, SamplerConfig, StepRule};
 use chardiff_runtime::schedule::noised;
 use chardiff_runtime::spec::{serde_name, Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
@@ -365,6 +365,8 @@ impl Trainer {
             recommended_sampler: StepRule::Ddim,
             recommended_guidance: 1.0,
             recommended_self_guidance: 1.0,
+            recommended_temperature: 1.0,
+            recommended_self_guidance_on: GuidedOutput::X0,
             recommended_warp: 1.0,
             provenance: Provenance {
                 corpus: corpus.name.clone(),

@@ -2,7 +2,7 @@
 //! whose gradients silently vanish, so "has a gradient" is not enough: the values must match.
 
 use candle_core::{DType, Device, Tensor};
-use chardiff_runtime::sampler::StepRule;
+use chardiff_runtime::sampler::{GuidedOutput, StepRule};
 use chardiff_runtime::spec::{Precision, Provenance, FORMAT_VERSION};
 use chardiff_runtime::{BitCode, Charset, Head, ModelSpec, Schedule, BITS};
 use chardiff_train::candle::{CandleOps, Params};
@@ -28,6 +28,8 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
         recommended_sampler: StepRule::Ddim,
         recommended_guidance: 1.0,
         recommended_self_guidance: 1.0,
+        recommended_temperature: 1.0,
+        recommended_self_guidance_on: GuidedOutput::X0,
         recommended_warp: 1.0,
         provenance: Provenance {
             corpus: String::new(),
