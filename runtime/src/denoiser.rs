@@ -101,7 +101,7 @@ pub trait Denoiser {
     fn denoise(&mut self, input: &DenoiseInput<'_>, x0: &mut [f32]) -> Result<(), BoxError>;
 
     /// For a softmax head: writes the logits [B, L, V] over the charset (V characters) whose
-    /// softmax x0 is the mean code of (`AnalogBits::mean_codes`). The sampler asks for them to
+    /// softmax x0 is the mean code of (`bits::mean_code`). The sampler asks for them to
     /// apply a temperature or self-guidance (`SamplerConfig`).
     fn logits(&mut self, _input: &DenoiseInput<'_>, _logits: &mut [f32]) -> Result<(), BoxError> {
         Err(NO_LOGITS.into())

@@ -132,7 +132,8 @@ struct Worker {
 struct States(Vec<(usize, Box<dyn State>)>);
 
 /// A worker's share of one denoising step: its network calls' inputs, and which of the graph's
-/// outputs it wants back (0: x0, 1: a softmax head's logits).
+/// outputs it wants back (0: x0, 1: a softmax head's logits, the order `check_contract` holds
+/// every file to).
 struct Job {
     calls: Vec<TVec<Tensor>>,
     output: usize,
