@@ -119,8 +119,9 @@ enum Command {
         /// onnx, or nnef (tract's archive: what NNEF-only edge builds read).
         #[arg(long, default_value = "onnx", value_parser = enum_arg::<Format>)]
         format: Format,
-        /// Weight storage: f32, f16 (half the file), or int8 (matrix products in int8, scales
-        /// calibrated on corpus windows; fast where the CPU has VNNI or dotprod).
+        /// Weight storage: f32, f16 (half the file), or int8 (a third of the file: matrix
+        /// products in int8, scales calibrated on corpus windows; onnxruntime runs them so,
+        /// tract faster from the weights widened to f32 at load).
         #[arg(long, default_value = "f32", value_parser = enum_arg::<Precision>)]
         precision: Precision,
         /// int8: text to calibrate the activation scales on [default: RUN/calibration.txt, else
@@ -264,10 +265,10 @@ struct SamplingFlags {
     #[arg(long, value_parser = enum_arg::<Precision>)]
     precision: Option<Precision>,
     /// Arithmetic: f32, f16 (f32 and f16 files) or int8 (int8 files) [default: f16 only for f16
-    /// weights on a CPU with native fp16 (aarch64 FEAT_FP16), int8 products only on a CPU with
-    /// int8 dot products (AVX512-VNNI, AVX-VNNI, dotprod); elsewhere tract emulates both, tens
-    /// of times slower, and its CUDA products take no int8, so f32 from the weights widened at
-    /// load].
+    /// weights on a CPU with native fp16 (aarch64 FEAT_FP16), where tract has fp16 kernels;
+    /// elsewhere, and for int8 files everywhere, f32 from the weights widened at load: tract's
+    /// int8 steps are slower than its f32 ones even with int8 dot products (VNNI, dotprod), tens
+    /// of times without, and its CUDA products take no int8].
     #[arg(long, value_parser = enum_arg::<Precision>)]
     compute: Option<Precision>,
     /// CPU threads per network call [default: the cores available].
@@ -358,38 +359,48 @@ impl SamplingFlags {
     fn announce(&self, net: &TractDenoiser) {
         let (stored, compute, device) = (net.spec().precision, net.compute(), net.device());
         // What this file computes in here without --compute: anything else was forced.
-        let forced = arithmetic(stored, None, device).ok() != Some(compute);
+        let forced = arithmetic(stored, None).ok() != Some(compute);
         let mut level = "note";
         let why = if forced {
-            let slow = match compute {
+            let (slow, why) = match compute {
                 Precision::Int8 if device == Device::Cuda => {
-                    ": tract's CUDA matrix products take f32 and f16 only"
+                    (true, ": tract's CUDA matrix products take f32 and f16 only".into())
                 }
-                Precision::Int8 => {
-                    ": this CPU has no int8 dot-product instructions (VNNI, AVX-VNNI or \
-                     dotprod), so tract emulates int8 matrix products, tens of times slower than \
-                     f32"
+                Precision::Int8 => match int8_dot_product() {
+                    Some(kernels) => (
+                        false,
+                        format!(
+                            ": int8 matrix products on {kernels} kernels; quantizing the \
+                             activations costs more than they save: the step was slower than f32 \
+                             from the widened weights on every CPU measured"
+                        ),
+                    ),
+                    None => (
+                        true,
+                        ": this CPU has no int8 dot-product instructions (VNNI, AVX-VNNI or \
+                         dotprod), so tract emulates int8 matrix products, tens of times slower \
+                         than f32"
+                            .into(),
+                    ),
+                },
+                Precision::F16 if !native_f16() => {
+                    (true, ": scalar code here, tens of times slower".into())
                 }
-                Precision::F16 if !native_f16() => ": scalar code here, tens of times slower",
-                _ => "",
+                _ => (false, String::new()),
             };
-            if !slow.is_empty() {
+            if slow {
                 level = "warning";
             }
-            format!("forced by --compute {}{slow}", serde_name(compute))
+            format!("forced by --compute {}{why}", serde_name(compute))
         } else {
             match (stored, compute) {
-                (Precision::Int8, Precision::Int8) => format!(
-                    "int8 matrix products on {} kernels",
-                    int8_dot_product().unwrap_or("int8")
-                ),
                 (Precision::Int8, _) if device == Device::Cuda => {
                     "the weights are widened at load: tract's CUDA matrix products take no int8"
                         .into()
                 }
                 (Precision::Int8, _) => "the weights are widened at load and the activations \
-                    not quantized, since this CPU has no int8 dot-product instructions: VNNI, \
-                    AVX-VNNI or dotprod"
+                    not quantized: tract's int8 steps are slower than its f32 ones, even with \
+                    int8 dot products; --compute int8 runs them"
                     .into(),
                 (_, Precision::F16) => "this CPU has native fp16 arithmetic".into(),
                 (Precision::F16, _) => {

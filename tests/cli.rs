@@ -155,13 +155,15 @@ fn train_export_sample_and_resume_through_the_cli() {
     let int8 = dir.path().join("m.int8.onnx");
     let out = chardiff(&["export", s(&run), "--out", s(&int8), "--precision", "int8"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    // Either arithmetic, each saying what it does.
-    for (compute, says) in
-        [("int8", "computing in int8"), ("f32", "int8 weights, computing in f32")]
-    {
-        let args =
-            ["sample", "--model", s(&int8), "-n", "3", "--steps", "10", "--compute", compute];
-        let out = chardiff(&args);
+    // Either arithmetic, each saying what it does; f32 from the widened weights by default.
+    let widened = "int8 weights, computing in f32";
+    for (compute, says) in [
+        (&["--compute", "int8"][..], "computing in int8"),
+        (&["--compute", "f32"], widened),
+        (&[], widened),
+    ] {
+        let args = ["sample", "--model", s(&int8), "-n", "3", "--steps", "10"];
+        let out = chardiff(&[&args[..], compute].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && stderr.contains(says), "{stderr}");
         assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 3);

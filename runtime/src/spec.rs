@@ -106,8 +106,8 @@ pub enum Precision {
     F16,
     /// Weight matrices in int8 (per output column scales), the activations multiplied by them
     /// quantized to u8 with calibrated constant scales: the matrix products run on int8 kernels,
-    /// everything else in f32. On CPUs without int8 dot products the runtime widens the weights
-    /// to f32 at load instead (third of the file, f32 speed).
+    /// everything else in f32. tract's sampler widens the weights to f32 at load unless asked
+    /// for int8 arithmetic (a third of the file at f32 speed; `tract::arithmetic`).
     Int8,
 }
 

@@ -196,9 +196,9 @@ impl Drop for Runner {
     }
 }
 
-/// The CPU feature that makes tract's int8 matrix products fast here (u8 x i8 dot products:
-/// AVX512-VNNI or AVX-VNNI on x86-64, dotprod on aarch64), if there is one. Without it tract
-/// emulates them, far slower than f32.
+/// The CPU feature that gives tract's int8 matrix products their dot-product kernels here (u8 x
+/// i8: AVX512-VNNI or AVX-VNNI on x86-64, dotprod on aarch64), if there is one. Without it tract
+/// emulates them, tens of times slower than f32.
 pub fn int8_dot_product() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -218,18 +218,14 @@ pub fn int8_dot_product() -> Option<&'static str> {
     None
 }
 
-/// The arithmetic a file with `stored` weights runs in on `device`: the one `asked` for where it
-/// applies, else what is fast there. f16 weights compute in f16 only with native fp16, int8
-/// files run their matrix products in int8 only on a CPU with int8 dot products (tract's CUDA
-/// products take f32 and f16 only); otherwise in f32, the f16 or int8 weights widened once at
-/// load (tract's f16 is scalar code and its emulated int8 17-34x slower than f32 on such CPUs,
-/// BENCHMARKS.md).
-pub fn arithmetic(
-    stored: Precision,
-    asked: Option<Precision>,
-    device: Device,
-) -> Result<Precision, LoadError> {
-    let int8_products = device != Device::Cuda && int8_dot_product().is_some();
+/// The arithmetic a file with `stored` weights runs in: the one `asked` for where it
+/// applies, else the fastest measured. f16 weights compute in f16 only with native fp16 (tract's
+/// f16 is scalar code elsewhere); int8 files compute in f32 from their weights widened once at
+/// load, even with int8 dot products: there tract's int8 products themselves take half the f32
+/// time, but quantizing each activation (a scalar pass) and scaling the products back cost more
+/// than that: 1.0-1.6x the f32 step on the two VNNI CPUs measured (BENCHMARKS.md). `--compute int8`
+/// runs them in int8 (on a CPU: tract's CUDA products take f32 and f16 only).
+pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
     match (asked, stored) {
         (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
             Err(LoadError::ComputeInt8(stored))
@@ -237,7 +233,6 @@ pub fn arithmetic(
         (Some(Precision::F16), Precision::Int8) => Err(LoadError::Int8InF16),
         (Some(asked), _) => Ok(asked),
         (None, Precision::F16) if native_f16() => Ok(Precision::F16),
-        (None, Precision::Int8) if int8_products => Ok(Precision::Int8),
         (None, _) => Ok(Precision::F32),
     }
 }
@@ -283,7 +278,7 @@ impl TractDenoiser {
         device: Device,
         compute: Option<Precision>,
     ) -> Result<TractDenoiser, LoadError> {
-        let (spec, mut model, compute) = typed_model(bytes, compute, device)?;
+        let (spec, mut model, compute) = typed_model(bytes, compute)?;
         if compute == Precision::F16 {
             let to_f16 = tract_nnef::tract_core::transform::get_transform("f32_to_f16")
                 .map_err(tract_error)?
@@ -595,7 +590,6 @@ fn nnef_reader() -> tract_nnef::internal::Nnef {
 fn typed_model(
     bytes: &[u8],
     asked: Option<Precision>,
-    device: Device,
 ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
     let (spec, model, compute) = match Format::of(bytes) {
         Format::Nnef => {
@@ -608,10 +602,10 @@ fn typed_model(
                 model.properties.iter().filter_map(|(k, v)| Some((k.as_str(), text(v)?))).collect();
             let spec = ModelSpec::from_metadata(props.iter().map(|(k, v)| (*k, v.as_str())))?;
             // NNEF archives are written from f32 models only (`onnx_to_nnef`).
-            let compute = arithmetic(spec.precision, asked, device)?;
+            let compute = arithmetic(spec.precision, asked)?;
             (spec, model, compute)
         }
-        Format::Onnx => onnx::typed_model(bytes, asked, device)?,
+        Format::Onnx => onnx::typed_model(bytes, asked)?,
     };
     check_contract(&model, &spec)?;
     Ok((spec, model, compute))
@@ -621,7 +615,7 @@ fn typed_model(
 /// model properties (`chardiff.*`), with fixed timestamps in the tar.
 #[cfg(feature = "onnx")]
 pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
-    let (spec, model, _) = typed_model(onnx_bytes, Some(Precision::F32), Device::Cpu)?;
+    let (spec, model, _) = typed_model(onnx_bytes, Some(Precision::F32))?;
     if spec.precision != Precision::F32 {
         return Err(LoadError::NnefNotF32(spec.precision));
     }
@@ -637,7 +631,7 @@ pub fn onnx_to_nnef(onnx_bytes: &[u8]) -> Result<Vec<u8>, LoadError> {
 
 #[cfg(feature = "onnx")]
 mod onnx {
-    use super::{arithmetic, tract_error, Device, LoadError};
+    use super::{arithmetic, tract_error, LoadError};
     use crate::spec::{ModelSpec, Precision};
     use std::collections::HashSet;
     use tract_onnx::pb::{tensor_proto::DataType, GraphProto, NodeProto, TensorProto};
@@ -647,7 +641,6 @@ mod onnx {
     pub fn typed_model(
         bytes: &[u8],
         asked: Option<Precision>,
-        device: Device,
     ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         let onnx = tract_onnx::onnx();
         let mut proto = onnx
@@ -656,7 +649,7 @@ mod onnx {
         let spec = ModelSpec::from_metadata(
             proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())),
         )?;
-        let compute = arithmetic(spec.precision, asked, device)?;
+        let compute = arithmetic(spec.precision, asked)?;
         if spec.precision == Precision::Int8 && compute == Precision::F32 {
             let graph = proto.graph.as_mut().ok_or(LoadError::NotOnnx("no graph".into()))?;
             widen_int8(graph, &onnx).map_err(|e| LoadError::NotWidenable(format!("{e:#}")))?;
@@ -666,8 +659,8 @@ mod onnx {
         Ok((spec, model, compute))
     }
 
-    /// Rewrites the int8 products of an int8 file as f32 products of its widened weights, for
-    /// CPUs where tract emulates int8. The export writes x W as `Cast(MatMulInteger(
+    /// Rewrites the int8 products of an int8 file as f32 products of its widened weights, which
+    /// tract runs faster than its int8 products (`arithmetic`). The export writes x W as `Cast(MatMulInteger(
     /// QuantizeLinear(x, s_x, z), W_q, z)) * (s_x s_w)`; each `MatMulInteger` becomes `MatMul(x,
     /// W_q / s_x)`, so that the scaling after it gives x (W_q s_w): the file's weights, the
     /// activations no longer quantized. What nothing reads any more is dropped.
@@ -738,7 +731,7 @@ mod onnx {
 
 #[cfg(not(feature = "onnx"))]
 mod onnx {
-    use super::{Device, LoadError};
+    use super::LoadError;
     use crate::spec::{ModelSpec, Precision};
     use tract_nnef::prelude::TypedModel;
 
@@ -746,7 +739,6 @@ mod onnx {
     pub fn typed_model(
         bytes: &[u8],
         _: Option<Precision>,
-        _: Device,
     ) -> Result<(ModelSpec, TypedModel, Precision), LoadError> {
         if bytes.first() == Some(&0x08) {
             Err(LoadError::OnnxNotBuilt)
