@@ -218,13 +218,13 @@ pub fn int8_dot_product() -> Option<&'static str> {
     None
 }
 
-/// The arithmetic a file with `stored` weights runs in: the one `asked` for where it
-/// applies, else the fastest measured. f16 weights compute in f16 only with native fp16 (tract's
-/// f16 is scalar code elsewhere); int8 files compute in f32 from their weights widened once at
-/// load, even with int8 dot products: there tract's int8 products themselves take half the f32
-/// time, but quantizing each activation (a scalar pass) and scaling the products back cost more
-/// than that: 1.0-1.6x the f32 step on the two VNNI CPUs measured (BENCHMARKS.md). `--compute int8`
-/// runs them in int8 (on a CPU: tract's CUDA products take f32 and f16 only).
+/// The arithmetic a file with `stored` weights runs in: the one `asked` for where it applies,
+/// else the fastest measured. f16 weights compute in f16 only with native fp16 (tract's f16 is
+/// scalar code elsewhere). int8 files compute in f32 from their weights widened once at load,
+/// even with int8 dot products: there tract's int8 products take half the f32 time, but
+/// quantizing each activation (a scalar pass) and scaling the products back cost more, so its
+/// int8 step took 1.0-1.6x the f32 step on the two VNNI CPUs measured (BENCHMARKS.md). Asked
+/// for, they run in int8 (on a CPU: tract's CUDA products take f32 and f16 only).
 pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
     match (asked, stored) {
         (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
@@ -660,8 +660,8 @@ mod onnx {
     }
 
     /// Rewrites the int8 products of an int8 file as f32 products of its widened weights, which
-    /// tract runs faster than its int8 products (`arithmetic`). The export writes x W as `Cast(MatMulInteger(
-    /// QuantizeLinear(x, s_x, z), W_q, z)) * (s_x s_w)`; each `MatMulInteger` becomes `MatMul(x,
+    /// tract runs faster than its int8 products (`arithmetic`). The export writes x W as
+    /// `Cast(MatMulInteger(QuantizeLinear(x, s_x, z), W_q, z)) * (s_x s_w)`; each `MatMulInteger` becomes `MatMul(x,
     /// W_q / s_x)`, so that the scaling after it gives x (W_q s_w): the file's weights, the
     /// activations no longer quantized. What nothing reads any more is dropped.
     fn widen_int8(graph: &mut GraphProto, onnx: &tract_onnx::Onnx) -> TractResult<()> {
