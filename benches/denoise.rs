@@ -1,6 +1,7 @@
 //! Criterion benches: one denoising step of the shipped model per precision (f32, f16 weights,
 //! int8; named `-as-f32` where this CPU computes them in f32, with the int8 products beside
-//! where it has int8 dot products) and batch size (tract, CPU, one thread), the full sampling loop, and one training step of the same architecture (candle).
+//! where it has int8 dot products) and batch size (tract, CPU, one thread), the full sampling
+//! loop, and one training step of the same architecture (candle).
 //! `cargo bench --bench denoise`; `chardiff bench` reports the same step figures from the CLI.
 //! With `--features ort` (and ORT_DYLIB_PATH set) the step group runs onnxruntime on the same
 //! files beside tract, one thread each.
@@ -35,7 +36,7 @@ fn tract_runs(precision: &str, file: &str) -> Vec<(String, TractDenoiser)> {
     let compute = net.compute().to_string();
     let arithmetic = if compute == precision { String::new() } else { format!("-as-{compute}") };
     let mut runs = vec![(format!("tract-{precision}{arithmetic}"), net)];
-    if precision == "int8" && compute != "int8" && int8_dot_product().is_some() {
+    if precision == "int8" && int8_dot_product().is_some() {
         let int8 = TractDenoiser::load_with(&path(file), Device::Cpu, Some(Precision::Int8));
         runs.push((format!("tract-{precision}"), int8.expect("the int8 file computes in int8")));
     }

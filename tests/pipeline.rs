@@ -397,7 +397,8 @@ fn int8_files_are_smaller_stay_close_to_f32_and_refuse_what_does_not_apply() {
         (compute(Precision::Int8).unwrap(), compute(Precision::F32).unwrap());
     assert_eq!(int8.spec().precision, Precision::Int8);
     assert_eq!((int8.compute(), widened.compute()), (Precision::Int8, Precision::F32));
-    // Whatever the CPU has, and on a GPU, whose tract products take f32 and f16 only.
+    // The default whatever the CPU has (`arithmetic` does not look at the device: on a GPU
+    // tract's products take f32 and f16 only).
     assert_eq!(TractDenoiser::from_bytes(&int8_file).unwrap().compute(), Precision::F32);
     for (what, net, limit) in [("int8 products", &mut int8, 0.1), ("widened", &mut widened, 0.1)] {
         let diff = max_x0_difference(&mut reference, net, 3, 1).unwrap();
