@@ -109,7 +109,7 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Export a training run to one self-describing ONNX file (or tract's NNEF archive). The
     /// sampling flags become the file's recommendation [default: the run's --sample-steps and
-    /// --sample-td, ddim, guidance 1, warp 1, self-guidance 1].
+    /// --sample-td, ddim, guidance 1, warp 1, self-guidance 1, temperature 1, no refinements].
     #[cfg(feature = "train")]
     Export {
         /// The run directory written by `chardiff train`.
@@ -168,7 +168,8 @@ enum Command {
 
 /// Sampling settings: `sample`, `eval` and `bench` run with them, `export` and `tune` record them
 /// in the file as its recommendation. Each one not given: the model's recommendation (export: the
-/// run's --sample-steps and --sample-td, DDIM, guidance 1, warp 1, self-guidance 1).
+/// run's --sample-steps and --sample-td, DDIM, guidance 1, warp 1, self-guidance 1, temperature 1,
+/// no refinements).
 #[derive(clap::Args)]
 struct SamplerFlags {
     /// Denoising steps [default: the model's recommendation].
@@ -205,6 +206,12 @@ struct SamplerFlags {
     /// Prompts, infills and --length are not affected [default: the model's recommendation].
     #[arg(long)]
     temperature: Option<f32>,
+    /// Refinements of free samples of a self-conditioned model: after each step's estimate the
+    /// network sees the same noisy text again, self-conditioned on that estimate, N times (N
+    /// more passes per step; more real words at a given step count, less varied text). Prompts,
+    /// infills and --length are not affected [default: the model's recommendation, else 0].
+    #[arg(long)]
+    refine: Option<usize>,
 }
 
 /// What `export` and `tune` record: the sampling settings, and a td of its own for free samples.
@@ -231,6 +238,7 @@ impl From<RecommendFlags> for chardiff_export::Recommendation {
             self_guidance,
             self_guidance_on,
             temperature,
+            refine,
         } = f.settings;
         let free_td = f.free_td;
         chardiff_export::Recommendation {
@@ -243,6 +251,7 @@ impl From<RecommendFlags> for chardiff_export::Recommendation {
             self_guidance,
             self_guidance_on,
             temperature,
+            refine,
         }
     }
 }
@@ -453,6 +462,7 @@ impl SamplingFlags {
             self_guidance: given.self_guidance.unwrap_or(recommended.self_guidance),
             self_guidance_on: given.self_guidance_on.unwrap_or(recommended.self_guidance_on),
             temperature: given.temperature.unwrap_or(recommended.temperature),
+            refine: given.refine.unwrap_or(recommended.refine),
             ..recommended
         }
         .for_task(conditional)
@@ -1005,7 +1015,7 @@ mod eval {
             .collect();
         let real = seam_quality(&real, &vocab);
         if args.json {
-            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "self_guidance": config.self_guidance, "self_guidance_on": config.self_guidance_on, "temperature": config.temperature, "quality": q, "validation_windows": real });
+            let out = serde_json::json!({ "condition": mode, "samples": texts.len(), "steps": config.steps, "td": config.td, "sampler": config.rule, "guidance": config.guidance, "warp": config.warp, "self_guidance": config.self_guidance, "self_guidance_on": config.self_guidance_on, "temperature": config.temperature, "refine": config.refine, "quality": q, "validation_windows": real });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
             println!("{mode}: {} samples, {config}", texts.len());

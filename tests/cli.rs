@@ -220,6 +220,8 @@ fn train_export_sample_and_resume_through_the_cli() {
         "0.7",
         "--self-guidance-on",
         "logits",
+        "--refine",
+        "1",
     ];
     // Free samples with their own td.
     let free_td = ["--free-td", "1"];
@@ -232,7 +234,7 @@ fn train_export_sample_and_resume_through_the_cli() {
     let sampling = report["sampling"].as_str().unwrap();
     assert_eq!(
         sampling,
-        "7 ddpm steps, td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7"
+        "7 ddpm steps, td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7, 1 refinement"
     );
     let recommended = chardiff(&["sample", "--model", s(&tuned), "-n", "2", "--prompt", "the"]);
     let explicit = chardiff(
@@ -253,7 +255,7 @@ fn train_export_sample_and_resume_through_the_cli() {
     assert_eq!(
         free(&tuned, &[]),
         free(&model, &free_explicit),
-        "and its self-guidance, temperature and td"
+        "and its self-guidance, temperature, refinements and td"
     );
     assert_ne!(free(&tuned, &[]), free(&model, &tune));
     assert_ne!(free(&model, &[]), free(&model, &tune));
@@ -264,7 +266,7 @@ fn train_export_sample_and_resume_through_the_cli() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let free_settings =
-        "td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7 for free samples";
+        "td 1, warp 0.6, self-guidance 2 on the logits, temperature 0.7, 1 refinement for free samples";
     assert!(stderr.contains(free_settings), "{stderr}");
     assert!(stderr.contains("td 0, warp 0.6, guidance 2 for prompts"), "{stderr}");
     let from_retuned = chardiff(&["sample", "--model", s(&retuned), "-n", "2", "--prompt", "the"]);

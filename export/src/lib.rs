@@ -90,6 +90,7 @@ pub struct Recommendation {
     pub self_guidance: Option<f32>,
     pub self_guidance_on: Option<GuidedOutput>,
     pub temperature: Option<f32>,
+    pub refine: Option<usize>,
 }
 
 impl Recommendation {
@@ -106,6 +107,7 @@ impl Recommendation {
         spec.recommended_self_guidance_on =
             self.self_guidance_on.unwrap_or(spec.recommended_self_guidance_on);
         spec.recommended_temperature = self.temperature.unwrap_or(spec.recommended_temperature);
+        spec.recommended_refine = self.refine.unwrap_or(spec.recommended_refine);
         spec.validate()
     }
 }

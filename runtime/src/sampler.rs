@@ -61,6 +61,13 @@ pub struct SamplerConfig {
     /// distribution is sharper. Free samples only, like self-guidance (not measured with known
     /// characters, whose classifier-free guidance extrapolates x0).
     pub temperature: f32,
+    /// Refinements for self-conditioned models: after each step's estimate, the network sees the
+    /// same x_t again, self-conditioned on that estimate instead of the previous step's, this
+    /// many times (one more pass each; the blind pass of self-guidance does not see x_self, so
+    /// it runs once). Training conditions on an estimate made at the same x_t; more passes at
+    /// the same step count buy the words that more steps buy, and lose the same variety
+    /// (BENCHMARKS.md). Free samples only, like self-guidance.
+    pub refine: usize,
 }
 
 impl SamplerConfig {
@@ -76,6 +83,7 @@ impl SamplerConfig {
             self_guidance: 1.0,
             self_guidance_on: GuidedOutput::X0,
             temperature: 1.0,
+            refine: 0,
         }
     }
 
@@ -93,18 +101,20 @@ impl SamplerConfig {
             self_guidance: spec.recommended_self_guidance,
             self_guidance_on: spec.recommended_self_guidance_on,
             temperature: spec.recommended_temperature,
+            refine: spec.recommended_refine,
         }
         .for_task(conditional)
     }
 
     /// These settings as `sample` runs them: classifier-free guidance steers only samples with
-    /// known characters and self-guidance and temperature only free ones, so each reads 1 where
-    /// it does nothing.
+    /// known characters and self-guidance, temperature and refinements only free ones, so each
+    /// reads 1 (refinements 0) where it does nothing.
     pub fn for_task(self, conditional: bool) -> SamplerConfig {
         SamplerConfig {
             guidance: if conditional { self.guidance } else { 1.0 },
             self_guidance: if conditional { 1.0 } else { self.self_guidance },
             temperature: if conditional { 1.0 } else { self.temperature },
+            refine: if conditional { 0 } else { self.refine },
             ..self
         }
     }
@@ -149,6 +159,11 @@ impl std::fmt::Display for SamplerConfig {
         }
         if self.temperature != 1.0 {
             write!(f, ", temperature {}", self.temperature)?;
+        }
+        match self.refine {
+            0 => {}
+            1 => write!(f, ", 1 refinement")?,
+            n => write!(f, ", {n} refinements")?,
         }
         Ok(())
     }
@@ -211,22 +226,16 @@ pub fn sample<D: Denoiser + ?Sized>(
     // Guidance needs something known (with nothing known both passes would be the same);
     // self-guidance is for free samples only (see `SamplerConfig::self_guidance`).
     let config = &config.clone().for_task(known.as_ref().is_some_and(KnownBits::any));
-    let mut guidance = known
+    let guidance = known
         .as_ref()
         .filter(|_| config.guidance != 1.0 && method == ConditioningMethod::Trained)
         .map(|k| Guidance::new(k, config.guidance));
+    let mut estimator = Estimator::new(&spec, config, n, guidance);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
 
     let mut x_t = gaussian(&mut rng, size);
     let mut x_pred = vec![0.0f32; size];
     let mut x0 = vec![0.0f32; size];
-    let guided = config.self_guidance != 1.0;
-    let mut x0_blind = vec![0.0f32; if guided { size } else { 0 }];
-    // A softmax head's estimate goes through its logits when they are reshaped (`check` made
-    // sure that the head is one).
-    let on_logits = guided && config.self_guidance_on == GuidedOutput::Logits;
-    let mut logits =
-        (on_logits || config.temperature != 1.0).then(|| Logits::new(&spec, n, guided));
     let no_self_cond = vec![0.0f32; size];
     let mut t_batch = vec![0.0f32; n];
     let mut t_state = 1.0f32; // the noise level x_t really has
@@ -247,20 +256,8 @@ pub fn sample<D: Denoiser + ?Sized>(
                 .filter(|_| method == ConditioningMethod::Trained)
                 .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        // At the first step there is no previous x0 yet: both passes would be the same.
-        let blind = (guided && step > 0).then_some(DenoiseInput { x_self: &no_self_cond, ..input });
-        match &mut logits {
-            Some(logits) => {
-                logits.estimate(net, &input, blind.as_ref(), config, &mut x0, &mut x0_blind)?
-            }
-            None => {
-                estimate(net, &mut guidance, &input, &mut x0)?;
-                if let Some(blind) = &blind {
-                    estimate(net, &mut guidance, blind, &mut x0_blind)?;
-                    extrapolate(&mut x0, &x0_blind, config.self_guidance);
-                }
-            }
-        }
+        // At the first step there is no previous x0 yet to see.
+        estimator.estimate(net, &input, step > 0, &mut x0)?;
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
@@ -278,6 +275,83 @@ pub fn sample<D: Denoiser + ?Sized>(
         k.restore(&mut texts);
     }
     Ok(texts)
+}
+
+/// A step's x0 from the network, as the config says: classifier-free guidance for known
+/// characters; for free samples self-guidance, the temperature and refinements.
+struct Estimator<'c> {
+    config: &'c SamplerConfig,
+    bit_scale: f32,
+    guidance: Option<Guidance>,
+    /// A softmax head's estimate goes through its logits when they are reshaped (`check` made
+    /// sure that the head is one).
+    logits: Option<Logits>,
+    no_self_cond: Vec<f32>,
+    x0_blind: Vec<f32>,
+    x_refined: Vec<f32>,
+}
+
+impl<'c> Estimator<'c> {
+    fn new(
+        spec: &ModelSpec,
+        config: &'c SamplerConfig,
+        n: usize,
+        guidance: Option<Guidance>,
+    ) -> Estimator<'c> {
+        let size = n * spec.values_per_sequence();
+        let guided = config.self_guidance != 1.0;
+        let on_logits = guided && config.self_guidance_on == GuidedOutput::Logits;
+        Estimator {
+            config,
+            bit_scale: spec.bit_scale,
+            guidance,
+            logits: (on_logits || config.temperature != 1.0).then(|| Logits::new(spec, n, guided)),
+            no_self_cond: vec![0.0; if guided { size } else { 0 }],
+            x0_blind: vec![0.0; if guided { size } else { 0 }],
+            x_refined: vec![0.0; if config.refine > 0 { size } else { 0 }],
+        }
+    }
+
+    /// x0 for `input`, whose x_self is the previous step's estimate when `seen` (without one,
+    /// self-guidance's blind pass would be the seeing one).
+    fn estimate<D: Denoiser + ?Sized>(
+        &mut self,
+        net: &mut D,
+        input: &DenoiseInput<'_>,
+        seen: bool,
+        x0: &mut [f32],
+    ) -> Result<(), SampleError> {
+        let config = self.config;
+        let w = (config.self_guidance != 1.0 && seen).then_some(config.self_guidance);
+        if w.is_some() {
+            // The blind pass does not see x_self: once a step, whatever the refinements.
+            let blind = DenoiseInput { x_self: &self.no_self_cond, ..*input };
+            match &mut self.logits {
+                Some(logits) => logits.blind(net, &blind, config, &mut self.x0_blind)?,
+                None => estimate(net, &mut self.guidance, &blind, &mut self.x0_blind)?,
+            }
+        }
+        for pass in 0..=config.refine {
+            let seeing = match pass {
+                0 => *input,
+                _ => DenoiseInput { x_self: &self.x_refined, ..*input },
+            };
+            match &mut self.logits {
+                Some(logits) => logits.seeing(net, &seeing, config, w, x0, &self.x0_blind)?,
+                None => {
+                    estimate(net, &mut self.guidance, &seeing, x0)?;
+                    if let Some(w) = w {
+                        extrapolate(x0, &self.x0_blind, w);
+                    }
+                }
+            }
+            if pass < config.refine {
+                let b = self.bit_scale;
+                self.x_refined.iter_mut().zip(&*x0).for_each(|(r, v)| *r = v.clamp(-b, b));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The network's x0 estimate, with classifier-free guidance when it is on.
@@ -312,30 +386,41 @@ impl Logits {
         }
     }
 
-    /// x0 from the logits at the config's temperature, self-guided when there is a `blind`
-    /// pass. Free samples only: classifier-free guidance extrapolates the graph's x0
-    /// (`estimate`).
-    fn estimate<D: Denoiser + ?Sized>(
+    /// Self-guidance's blind pass: its logits, and on x0 its estimate at the config's
+    /// temperature.
+    fn blind<D: Denoiser + ?Sized>(
+        &mut self,
+        net: &mut D,
+        blind: &DenoiseInput<'_>,
+        config: &SamplerConfig,
+        x0_blind: &mut [f32],
+    ) -> Result<(), SampleError> {
+        net.logits(blind, &mut self.blind).map_err(SampleError::Denoiser)?;
+        if config.self_guidance_on == GuidedOutput::X0 {
+            mean_code(&self.codes, &self.blind, config.temperature, x0_blind);
+        }
+        Ok(())
+    }
+
+    /// x0 from the seeing pass's logits at the config's temperature, self-guided with weight
+    /// `w` from the last `blind` pass when given. Free samples only: classifier-free guidance
+    /// extrapolates the graph's x0 (`estimate`).
+    fn seeing<D: Denoiser + ?Sized>(
         &mut self,
         net: &mut D,
         input: &DenoiseInput<'_>,
-        blind: Option<&DenoiseInput<'_>>,
         config: &SamplerConfig,
+        w: Option<f32>,
         x0: &mut [f32],
-        x0_blind: &mut [f32],
+        x0_blind: &[f32],
     ) -> Result<(), SampleError> {
-        let (w, temperature) = (config.self_guidance, config.temperature);
         net.logits(input, &mut self.seeing).map_err(SampleError::Denoiser)?;
-        if let Some(blind) = blind {
-            net.logits(blind, &mut self.blind).map_err(SampleError::Denoiser)?;
-            if config.self_guidance_on == GuidedOutput::Logits {
-                extrapolate(&mut self.seeing, &self.blind, w);
-            } else {
-                mean_code(&self.codes, &self.blind, temperature, x0_blind);
-            }
+        let on_logits = config.self_guidance_on == GuidedOutput::Logits;
+        if let (Some(w), true) = (w, on_logits) {
+            extrapolate(&mut self.seeing, &self.blind, w);
         }
-        mean_code(&self.codes, &self.seeing, temperature, x0);
-        if blind.is_some() && config.self_guidance_on == GuidedOutput::X0 {
+        mean_code(&self.codes, &self.seeing, config.temperature, x0);
+        if let (Some(w), false) = (w, on_logits) {
             extrapolate(x0, x0_blind, w);
         }
         Ok(())
@@ -397,6 +482,9 @@ fn check(
     if let Some(problem) = self_guidance_problem(config.self_guidance, spec.self_conditioning) {
         return Err(SampleError::Config(problem));
     }
+    if let Some(problem) = refine_problem(config.refine, spec.self_conditioning) {
+        return Err(SampleError::Config(problem));
+    }
     if let Some(problem) = temperature_problem(config.temperature, spec.head) {
         return Err(SampleError::Config(problem));
     }
@@ -438,6 +526,13 @@ pub fn guidance_problem(weight: f32, conditioning: bool) -> Option<String> {
 /// Why a self-guidance weight cannot steer a model (self-conditioned or not), if it cannot.
 pub fn self_guidance_problem(weight: f32, self_conditioning: bool) -> Option<String> {
     weight_problem("self-guidance", weight, self_conditioning, "self-conditioning")
+}
+
+/// Why refinements cannot be run on a model (self-conditioned or not), if they cannot: without
+/// self-conditioning the network would see the same inputs again.
+pub fn refine_problem(refine: usize, self_conditioning: bool) -> Option<String> {
+    (refine > 0 && !self_conditioning)
+        .then(|| "refinements need a model trained with self-conditioning".into())
 }
 
 /// Why a temperature cannot reshape a model's estimate, if it cannot: it is > 0, and other

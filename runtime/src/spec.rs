@@ -3,7 +3,7 @@
 
 use crate::bits::{AnalogBits, BitCode, Charset, BITS};
 use crate::sampler::{
-    guidance_problem, guided_output_problem, self_guidance_problem, td_problem,
+    guidance_problem, guided_output_problem, refine_problem, self_guidance_problem, td_problem,
     temperature_problem, warp_problem, GuidedOutput, StepRule,
 };
 use crate::schedule::Schedule;
@@ -85,6 +85,9 @@ pub struct ModelSpec {
     /// this field: 1, the network's own estimate).
     #[serde(default = "one")]
     pub recommended_temperature: f32,
+    /// Refinements for free samples, `SamplerConfig::refine` (files from before this field: 0).
+    #[serde(default)]
+    pub recommended_refine: usize,
     pub provenance: Provenance,
     /// How the file stores the network's weights (files from before f16 export: f32).
     #[serde(default)]
@@ -195,6 +198,9 @@ impl ModelSpec {
         if let Some(problem) = temperature_problem(self.recommended_temperature, self.head) {
             return invalid(&format!("recommended {problem}"));
         }
+        if let Some(problem) = refine_problem(self.recommended_refine, self.self_conditioning) {
+            return invalid(&format!("recommended {problem}"));
+        }
         if let Some(problem) = guided_output_problem(self.recommended_self_guidance_on, self.head) {
             return invalid(&format!("recommended {problem}"));
         }
@@ -257,6 +263,7 @@ pub(crate) mod tests {
             recommended_self_guidance: 2.5,
             recommended_self_guidance_on: GuidedOutput::Logits,
             recommended_temperature: 0.6,
+            recommended_refine: 1,
             provenance: Provenance {
                 corpus: "test.txt".into(),
                 corpus_sha256: "00".into(),
@@ -288,6 +295,7 @@ pub(crate) mod tests {
             "recommended_self_guidance",
             "recommended_temperature",
             "recommended_self_guidance_on",
+            "recommended_refine",
         ];
         let older = meta.iter().filter(|(k, _)| !newer.iter().any(|n| k.ends_with(n)));
         let back = ModelSpec::from_metadata(older.map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
@@ -297,6 +305,7 @@ pub(crate) mod tests {
         assert_eq!(back.recommended_self_guidance, 1.0);
         assert_eq!(back.recommended_temperature, 1.0);
         assert_eq!(back.recommended_self_guidance_on, GuidedOutput::X0);
+        assert_eq!(back.recommended_refine, 0);
         assert_eq!(back.recommended_free_td, None);
         let unwarped = ModelSpec { recommended_warp: 0.0, ..spec };
         assert!(unwarped.validate().unwrap_err().to_string().contains("warp must be > 0"));
@@ -324,7 +333,8 @@ pub(crate) mod tests {
     #[test]
     fn self_guidance_is_a_non_negative_weight_for_self_conditioned_models_only() {
         let guided = |self_conditioning, recommended_self_guidance| {
-            ModelSpec { self_conditioning, recommended_self_guidance, ..example_spec() }.validate()
+            let spec = ModelSpec { recommended_refine: 0, ..example_spec() };
+            ModelSpec { self_conditioning, recommended_self_guidance, ..spec }.validate()
         };
         assert!(
             guided(true, 2.5).is_ok() && guided(true, 0.0).is_ok() && guided(false, 1.0).is_ok()
@@ -332,6 +342,17 @@ pub(crate) mod tests {
         assert!(guided(true, -1.0).is_err() && guided(true, f32::NAN).is_err());
         let err = guided(false, 2.5).unwrap_err().to_string();
         assert!(err.contains("self-conditioning"), "{err}");
+    }
+
+    #[test]
+    fn refinements_are_for_self_conditioned_models_only() {
+        let refined = |self_conditioning, recommended_refine| {
+            let spec = ModelSpec { recommended_self_guidance: 1.0, ..example_spec() };
+            ModelSpec { self_conditioning, recommended_refine, ..spec }.validate()
+        };
+        assert!(refined(true, 2).is_ok() && refined(false, 0).is_ok());
+        let err = refined(false, 1).unwrap_err().to_string();
+        assert!(err.contains("refinements need a model trained with self-conditioning"), "{err}");
     }
 
     #[test]

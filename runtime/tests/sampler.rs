@@ -222,14 +222,14 @@ fn self_guidance_extrapolates_from_the_blind_x0_with_a_second_call() {
     net.calls.clear();
     let guided = SamplerConfig { self_guidance: 0.5, ..config(3, 0.0, StepRule::Ddim) };
     sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
-    // The first step has no estimate to see (one call), the others see it and do not (two).
+    // The first step has no estimate to see (one call), the others do not see it, then do (two).
     let zeros = vec![0.0; blind.len()];
     assert_eq!(net.calls.len(), 5);
     assert_eq!(net.calls[0], zeros);
-    assert_eq!((&net.calls[1], &net.calls[2]), (&blind, &zeros));
+    assert_eq!((&net.calls[1], &net.calls[2]), (&zeros, &blind));
     // The third step sees the second's guided x0.
     let midway: Vec<f32> = blind.iter().zip(&seeing).map(|(b, s)| b + 0.5 * (s - b)).collect();
-    assert_eq!((&net.calls[3], &net.calls[4]), (&midway, &zeros));
+    assert_eq!((&net.calls[3], &net.calls[4]), (&zeros, &midway));
 
     // With known characters it is off: one call a step.
     net.spec.conditioning = true;
@@ -237,6 +237,40 @@ fn self_guidance_extrapolates_from_the_blind_x0_with_a_second_call() {
     let known = [Some(b'a'), None, None, None];
     sample(&mut net, &guided, 1, Some(&known), |_, _| {}).unwrap();
     assert_eq!(net.calls.len(), 3);
+}
+
+#[test]
+fn refinements_see_the_estimate_just_made_and_the_blind_pass_runs_once_a_step() {
+    let spec = spec(4, false, Head::Bits);
+    let (blind, seeing) = (spec.analog_bits().encode(b"abcd"), spec.analog_bits().encode(b"abzz"));
+    let mut net = Hindsight { spec, blind: blind.clone(), seeing: seeing.clone(), calls: vec![] };
+    let zeros = vec![0.0; blind.len()];
+
+    // One refinement, no self-guidance: two calls a step, the second seeing the first's x0.
+    let refined = SamplerConfig { refine: 1, ..config(2, 0.0, StepRule::Ddim) };
+    let out = sample(&mut net, &refined, 1, None, |_, _| {}).unwrap();
+    assert_eq!(out[0], b"abzz");
+    assert_eq!(net.calls, [zeros.clone(), blind.clone(), seeing.clone(), seeing.clone()]);
+
+    // With self-guidance the blind pass runs once a step, and each refinement sees the guided
+    // estimate.
+    net.calls.clear();
+    let guided = SamplerConfig { self_guidance: 0.5, ..refined.clone() };
+    sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
+    let midway: Vec<f32> = blind.iter().zip(&seeing).map(|(b, s)| b + 0.5 * (s - b)).collect();
+    assert_eq!(net.calls, [zeros.clone(), blind.clone(), zeros.clone(), seeing.clone(), midway]);
+
+    // With known characters they are off: one call a step.
+    net.spec.conditioning = true;
+    net.calls.clear();
+    let known = [Some(b'a'), None, None, None];
+    sample(&mut net, &refined, 1, Some(&known), |_, _| {}).unwrap();
+    assert_eq!(net.calls.len(), 2);
+
+    // Without self-conditioning the network would see the same inputs again.
+    net.spec.self_conditioning = false;
+    let err = sample(&mut net, &refined, 1, None, |_, _| {}).unwrap_err().to_string();
+    assert!(err.contains("refinements need a model trained with self-conditioning"), "{err}");
 }
 
 /// A softmax head with one set of logits while it sees no previous estimate and another once it
@@ -304,10 +338,18 @@ fn a_softmax_heads_temperature_and_self_guidance_act_on_its_logits() {
     sample(&mut net, &guided, 1, None, |_, _| {}).unwrap();
     assert_eq!(net.calls.len(), 5);
     let zeros = vec![0.0; 3 * BITS];
-    assert_eq!((&net.calls[2].1, &net.calls[4].1), (&zeros, &zeros), "the blind passes");
+    assert_eq!((&net.calls[1].1, &net.calls[3].1), (&zeros, &zeros), "the blind passes");
     let extrapolated: Vec<f32> =
         blind.iter().zip(&seeing).map(|(b, s)| b + 2.0 * (s - b)).collect();
-    assert_eq!(net.calls[3].1, x0_of(&extrapolated, 0.5));
+    assert_eq!(net.calls[4].1, x0_of(&extrapolated, 0.5));
+
+    // A refinement sees its step's guided estimate; the blind pass runs once a step.
+    net.calls.clear();
+    let refined = SamplerConfig { refine: 1, ..guided.clone() };
+    sample(&mut net, &refined, 1, None, |_, _| {}).unwrap();
+    assert_eq!(net.calls.len(), 8);
+    assert_eq!(net.calls[1].1, x0_of(&blind, 0.5));
+    assert_eq!((&net.calls[2].1, &net.calls[4].1), (&zeros, &x0_of(&extrapolated, 0.5)));
 
     // On x0 the temperature applies to each pass, then x0 is extrapolated.
     net.calls.clear();
@@ -315,7 +357,7 @@ fn a_softmax_heads_temperature_and_self_guidance_act_on_its_logits() {
     sample(&mut net, &on_x0, 1, None, |_, _| {}).unwrap();
     let (b, s) = (mean(&blind, 0.5), mean(&seeing, 0.5));
     let x0: Vec<f32> = b.iter().zip(&s).map(|(b, s)| b + 2.0 * (s - b)).collect();
-    assert_eq!(net.calls[3].1, clamped(x0));
+    assert_eq!(net.calls[4].1, clamped(x0));
 
     // With known characters neither applies: the graph's x0, one call a step.
     net.calls.clear();
@@ -363,17 +405,19 @@ fn recommended_settings_depend_on_whether_characters_are_known() {
         recommended_guidance: 5.0,
         recommended_self_guidance: 2.5,
         recommended_temperature: 0.6,
+        recommended_refine: 2,
         ..spec(8, true, Head::Softmax)
     };
     // Free samples: their own td, self-guidance, temperature, and no classifier-free guidance
     // (nothing known).
     let free = SamplerConfig::recommended(&spec, 7, false);
     assert_eq!((free.td, free.guidance, free.self_guidance, free.seed), (3.5, 1.0, 2.5, 7));
-    assert_eq!(free.temperature, 0.6);
-    // With known characters: the shared td, guidance, and no self-guidance or temperature.
+    assert_eq!((free.temperature, free.refine), (0.6, 2));
+    // With known characters: the shared td, guidance, and no self-guidance, temperature or
+    // refinements.
     let known = SamplerConfig::recommended(&spec, 7, true);
     assert_eq!((known.td, known.guidance, known.self_guidance), (2.0, 5.0, 1.0));
-    assert_eq!(known.temperature, 1.0);
+    assert_eq!((known.temperature, known.refine), (1.0, 0));
     let one_td = ModelSpec { recommended_free_td: None, ..spec };
     assert_eq!(SamplerConfig::recommended(&one_td, 7, false).td, 2.0);
 }

@@ -29,6 +29,7 @@ fn spec(head: Head, conditioning: bool) -> ModelSpec {
         recommended_guidance: 1.0,
         recommended_self_guidance: 1.0,
         recommended_temperature: 1.0,
+        recommended_refine: 0,
         recommended_self_guidance_on: GuidedOutput::X0,
         recommended_warp: 1.0,
         provenance: Provenance {

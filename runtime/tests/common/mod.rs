@@ -23,6 +23,7 @@ pub fn spec(window: usize, conditioning: bool, head: Head) -> ModelSpec {
         recommended_guidance: 1.0,
         recommended_self_guidance: 1.0,
         recommended_temperature: 1.0,
+        recommended_refine: 0,
         recommended_self_guidance_on: GuidedOutput::X0,
         recommended_warp: 1.0,
         provenance: Provenance {
