@@ -256,8 +256,9 @@ pub fn sample<D: Denoiser + ?Sized>(
                 .filter(|_| method == ConditioningMethod::Trained)
                 .map(|k| Condition { cond: &k.bits, mask: &k.mask }),
         };
-        // At the first step there is no previous x0 yet to see.
-        estimator.estimate(net, &input, step > 0, &mut x0)?;
+        // At the first step there is no previous x0 yet: a blind pass would be the seeing one.
+        let blind = (step > 0).then_some(DenoiseInput { x_self: &no_self_cond, ..input });
+        estimator.estimate(net, &input, blind.as_ref(), &mut x0)?;
         x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
@@ -286,7 +287,6 @@ struct Estimator<'c> {
     /// A softmax head's estimate goes through its logits when they are reshaped (`check` made
     /// sure that the head is one).
     logits: Option<Logits>,
-    no_self_cond: Vec<f32>,
     x0_blind: Vec<f32>,
     x_refined: Vec<f32>,
 }
@@ -306,29 +306,28 @@ impl<'c> Estimator<'c> {
             bit_scale: spec.bit_scale,
             guidance,
             logits: (on_logits || config.temperature != 1.0).then(|| Logits::new(spec, n, guided)),
-            no_self_cond: vec![0.0; if guided { size } else { 0 }],
             x0_blind: vec![0.0; if guided { size } else { 0 }],
             x_refined: vec![0.0; if config.refine > 0 { size } else { 0 }],
         }
     }
 
-    /// x0 for `input`, whose x_self is the previous step's estimate when `seen` (without one,
-    /// self-guidance's blind pass would be the seeing one).
+    /// x0 for `input`, whose x_self is the previous step's estimate; `blind` is the same input
+    /// without it, for self-guidance (none at the first step).
     fn estimate<D: Denoiser + ?Sized>(
         &mut self,
         net: &mut D,
         input: &DenoiseInput<'_>,
-        seen: bool,
+        blind: Option<&DenoiseInput<'_>>,
         x0: &mut [f32],
     ) -> Result<(), SampleError> {
         let config = self.config;
-        let w = (config.self_guidance != 1.0 && seen).then_some(config.self_guidance);
-        if w.is_some() {
-            // The blind pass does not see x_self: once a step, whatever the refinements.
-            let blind = DenoiseInput { x_self: &self.no_self_cond, ..*input };
+        let blind = blind.filter(|_| config.self_guidance != 1.0);
+        let w = blind.map(|_| config.self_guidance);
+        if let Some(blind) = blind {
+            // It does not see x_self: once a step, whatever the refinements.
             match &mut self.logits {
-                Some(logits) => logits.blind(net, &blind, config, &mut self.x0_blind)?,
-                None => estimate(net, &mut self.guidance, &blind, &mut self.x0_blind)?,
+                Some(logits) => logits.blind(net, blind, config, &mut self.x0_blind)?,
+                None => estimate(net, &mut self.guidance, blind, &mut self.x0_blind)?,
             }
         }
         for pass in 0..=config.refine {
