@@ -210,7 +210,7 @@ pub fn sample<D: Denoiser + ?Sized>(
 ) -> Result<Vec<Vec<u8>>, SampleError> {
     let spec = net.spec().clone();
     check(config, &spec, n, known)?;
-    let (b, steps, size) = (spec.bit_scale, config.steps as f32, n * spec.values_per_sequence());
+    let (steps, size) = (config.steps as f32, n * spec.values_per_sequence());
     let gamma = |t: f32| spec.schedule.gamma(f64::from(t)) as f32;
     let method = ConditioningMethod::for_spec(&spec);
     // A conditional model always gets `cond` inputs: all-unknown when nothing is known.
@@ -259,7 +259,6 @@ pub fn sample<D: Denoiser + ?Sized>(
         // At the first step there is no previous x0 yet: a blind pass would be the seeing one.
         let blind = (step > 0).then_some(DenoiseInput { x_self: &no_self_cond, ..input });
         estimator.estimate(net, &input, blind.as_ref(), &mut x0)?;
-        x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
         std::mem::swap(&mut x_pred, &mut x0);
         let (g_now, g_next) = (gamma(t_now), gamma(t_next));
         match config.rule {
@@ -278,8 +277,9 @@ pub fn sample<D: Denoiser + ?Sized>(
     Ok(texts)
 }
 
-/// A step's x0 from the network, as the config says: classifier-free guidance for known
-/// characters; for free samples self-guidance, the temperature and refinements.
+/// A step's x0 from the network, as the config says (classifier-free guidance for known
+/// characters; for free samples self-guidance, the temperature and refinements), clamped to
+/// the bits' range.
 struct Estimator<'c> {
     config: &'c SamplerConfig,
     bit_scale: f32,
@@ -344,9 +344,10 @@ impl<'c> Estimator<'c> {
                     }
                 }
             }
+            let b = self.bit_scale;
+            x0.iter_mut().for_each(|v| *v = v.clamp(-b, b));
             if pass < config.refine {
-                let b = self.bit_scale;
-                self.x_refined.iter_mut().zip(&*x0).for_each(|(r, v)| *r = v.clamp(-b, b));
+                self.x_refined.copy_from_slice(x0);
             }
         }
         Ok(())
