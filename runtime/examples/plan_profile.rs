@@ -1,10 +1,16 @@
 //! Where one denoising step's time goes inside tract: prepares an exported ONNX file's plan for a
-//! fixed batch as the sampler does (batch fixed, then optimized), runs it on one thread, and
+//! fixed batch as the sampler does (batch fixed, rewritten, optimized), runs it on one thread, and
 //! prints the time per operator kind and the slowest nodes with their output shapes. The whole
 //! step is timed first without the per-node timers, so the two totals show their overhead.
-//! BENCHMARKS.md ("Speed: where tract's step goes") uses it for issue 4.
+//! BENCHMARKS.md ("Where tract's step goes", "Forms of the graph tract runs faster") uses it
+//! for issue 4.
 //!
 //!   cargo run --release -p chardiff-runtime --example plan_profile -- MODEL [BATCH] [ITERATIONS] [NODES]
+//!
+//! It times the file's graph as filed and rewritten as the sampler prepares it for the CPU
+//! (`chardiff_runtime::tract::cpu_forms`), step by step in turn, then profiles the rewritten
+//! plan (`PLAN_PROFILE_AS_FILED=1`: the other); `PLAN_PROFILE_INFO=1` adds each shown node's
+//! details (a product's kernel and what it fuses).
 //!
 //! The allocator is the system's: with glibc, set `MALLOC_MMAP_THRESHOLD_` and
 //! `MALLOC_TRIM_THRESHOLD_` high to see the step without the page faults of memory returned to
@@ -30,30 +36,47 @@ fn main() -> TractResult<()> {
     let symbol =
         model.symbols.get(chardiff_runtime::tract::BATCH_SYMBOL).context("no batch axis")?;
     let model = model.set_symbols(&HashMap::from([(symbol, (batch as i64).to_dim())]))?;
-    let model = model.into_optimized()?;
+    // The file's graph, and the same rewritten as the sampler prepares a CPU plan.
+    let as_filed = model.clone().into_optimized()?;
+    let rewritten = chardiff_runtime::tract::cpu_forms(model)?.into_optimized()?;
     // Any values in [-0.5, 0.5) serve: the step's work does not depend on them.
-    let inputs: TVec<TValue> = model
+    let inputs: TVec<TValue> = as_filed
         .input_outlets()?
         .iter()
         .map(|&outlet| {
             let shape =
-                model.outlet_fact(outlet)?.shape.as_concrete().context("symbolic")?.to_vec();
+                as_filed.outlet_fact(outlet)?.shape.as_concrete().context("symbolic")?.to_vec();
             let data =
                 (0..shape.iter().product()).map(|i: usize| (i * 7919 % 1000) as f32 / 1e3 - 0.5);
             Ok(tract_ndarray::ArrayD::from_shape_vec(shape, data.collect())?.into_tvalue())
         })
         .collect::<TractResult<_>>()?;
 
-    let plan = SimplePlan::new(model)?;
-    let mut state = SimpleState::new(&plan)?;
-    for _ in 0..5 {
-        state.run(inputs.clone())?;
+    // Steps of the two plans interleaved, so that a VM's drifting speed touches both alike.
+    let plans = [SimplePlan::new(as_filed)?, SimplePlan::new(rewritten)?];
+    let mut states = [SimpleState::new(&plans[0])?, SimpleState::new(&plans[1])?];
+    let mut step_ms = [vec![], vec![]];
+    for i in 0..iterations + 5 {
+        for (state, times) in states.iter_mut().zip(&mut step_ms) {
+            let start = Instant::now();
+            state.run(inputs.clone())?;
+            if i >= 5 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
     }
-    let start = Instant::now();
-    for _ in 0..iterations {
-        state.run(inputs.clone())?;
-    }
-    let step_ms = start.elapsed().as_secs_f64() * 1e3 / iterations as f64;
+    let median = |times: &mut Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let [filed_ms, rewritten_ms] = step_ms.each_mut().map(median);
+    println!(
+        "{path}, batch {batch}: step {filed_ms:.3} ms as filed, {rewritten_ms:.3} ms rewritten \
+         for the CPU (medians of {iterations} interleaved steps)"
+    );
+    let profiled = std::env::var_os("PLAN_PROFILE_AS_FILED").is_some();
+    let (plan, state) =
+        if profiled { (&plans[0], &mut states[0]) } else { (&plans[1], &mut states[1]) };
 
     let mut node_ms: HashMap<usize, f64> = HashMap::new();
     for _ in 0..iterations {
@@ -68,10 +91,8 @@ fn main() -> TractResult<()> {
 
     let model = plan.model();
     let total: f64 = node_ms.values().sum();
-    println!(
-        "{path}, batch {batch}: step {step_ms:.3} ms, nodes timed one by one {total:.3} ms, {} nodes",
-        model.nodes().len()
-    );
+    let which = if profiled { "as filed" } else { "rewritten" };
+    println!("{which}: nodes timed one by one {total:.3} ms, {} nodes", model.nodes().len());
     let mut by_kind: HashMap<String, (f64, usize)> = HashMap::new();
     for (&id, &ms) in &node_ms {
         let kind = by_kind.entry(model.node(id).op.name().to_string()).or_default();
@@ -91,6 +112,11 @@ fn main() -> TractResult<()> {
         let outputs = model.node_output_facts(id)?;
         let outputs: Vec<String> = outputs.iter().map(|f| format!("{f:?}")).collect();
         println!("{ms:>9.3} ms {} {} -> {}", node.name, node.op.name(), outputs.join(", "));
+        if std::env::var_os("PLAN_PROFILE_INFO").is_some() {
+            for line in node.op.info()? {
+                println!("              {line}");
+            }
+        }
     }
     Ok(())
 }
