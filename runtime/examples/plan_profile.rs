@@ -38,7 +38,8 @@ fn main() -> TractResult<()> {
     let model = model.set_symbols(&HashMap::from([(symbol, (batch as i64).to_dim())]))?;
     // The file's graph, and the same rewritten as the sampler prepares a CPU plan.
     let as_filed = model.clone().into_optimized()?;
-    let rewritten = chardiff_runtime::tract::cpu_forms(model)?.into_optimized()?;
+    let mut rewritten = chardiff_runtime::tract::cpu_forms(model)?;
+    rewritten.optimize()?;
     // Any values in [-0.5, 0.5) serve: the step's work does not depend on them.
     let inputs: TVec<TValue> = as_filed
         .input_outlets()?
