@@ -828,6 +828,11 @@ fn with_constant<Op: BinMiniOp>(
     })
 }
 
+/// Whether `outlet` varies with the inputs (not a constant).
+fn activation(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
+    Ok(model.outlet_fact(outlet)?.konst.is_none())
+}
+
 fn f32_values(t: &Tensor) -> TractResult<Vec<f32>> {
     Ok(t.cast_to::<f32>()?.to_plain_array_view::<f32>()?.iter().copied().collect())
 }
@@ -849,8 +854,8 @@ fn subtract_negated_constant(
     let node = model.node(id);
     let Some((product, addend)) = with_constant::<Add>(model, node)? else { return Ok(None) };
     let source = model.node(product.node);
-    let activation = |i: usize| model.outlet_fact(source.inputs[i]).map(|f| f.konst.is_none());
-    if !(source.op_is::<EinSum>() && activation(0)? && activation(1)?) {
+    let (true, [a, b]) = (source.op_is::<EinSum>(), &source.inputs[..]) else { return Ok(None) };
+    if !(activation(model, *a)? && activation(model, *b)?) {
         return Ok(None);
     }
     let mut patch = TypedModelPatch::default();
@@ -871,8 +876,7 @@ fn subtract_negated_product(model: &TypedModel, id: usize) -> TractResult<Option
     let (Some(TypedBinOp(op, _)), [a, b]) = (node.op_as::<TypedBinOp>(), &node.inputs[..]) else {
         return Ok(None);
     };
-    let activation = |outlet: OutletId| model.outlet_fact(outlet).map(|f| f.konst.is_none());
-    if !(op.is::<Add>() && activation(*a)? && activation(*b)?) {
+    if !(op.is::<Add>() && activation(model, *a)? && activation(model, *b)?) {
         return Ok(None);
     }
     for (h, biased) in [(*a, *b), (*b, *a)] {
@@ -880,7 +884,9 @@ fn subtract_negated_product(model: &TypedModel, id: usize) -> TractResult<Option
         let Some((product, _)) = with_constant::<Add>(model, bias_add)? else { continue };
         let product = model.node(product.node);
         let weight_product = match &product.inputs[..] {
-            [x, w] => product.op_is::<EinSum>() && activation(*x)? && !activation(*w)?,
+            [x, w] => {
+                product.op_is::<EinSum>() && activation(model, *x)? && !activation(model, *w)?
+            }
             _ => false,
         };
         let fact = model.outlet_fact(biased)?;
