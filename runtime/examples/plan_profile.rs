@@ -8,7 +8,7 @@
 //!   cargo run --release -p chardiff-runtime --example plan_profile -- MODEL [BATCH] [ITERATIONS] [NODES]
 //!
 //! It times the file's graph as filed and rewritten as the sampler prepares it for the CPU
-//! (`chardiff_runtime::tract::cpu_forms`), step by step in turn, then profiles the rewritten
+//! (`chardiff_runtime::tract::optimized_for_cpu`), step by step in turn, then profiles the rewritten
 //! plan (`PLAN_PROFILE_AS_FILED=1`: the other); `PLAN_PROFILE_INFO=1` adds each shown node's
 //! details (a product's kernel and what it fuses).
 //!
@@ -38,8 +38,7 @@ fn main() -> TractResult<()> {
     let model = model.set_symbols(&HashMap::from([(symbol, (batch as i64).to_dim())]))?;
     // The file's graph, and the same rewritten as the sampler prepares a CPU plan.
     let as_filed = model.clone().into_optimized()?;
-    let mut rewritten = chardiff_runtime::tract::cpu_forms(model)?;
-    rewritten.optimize()?;
+    let rewritten = chardiff_runtime::tract::optimized_for_cpu(model)?;
     // Any values in [-0.5, 0.5) serve: the step's work does not depend on them.
     let inputs: TVec<TValue> = as_filed
         .input_outlets()?

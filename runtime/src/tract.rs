@@ -786,11 +786,17 @@ mod matmul_pool {
 }
 
 /// What tract's CPU runtime does (declutter, optimize, plan) with `cpu_forms` between the first
-/// two, which it begins with the decluttering.
+/// two.
 fn prepare_cpu(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
-    let mut model = cpu_forms(model).map_err(tract_error)?;
-    model.optimize().map_err(tract_error)?;
+    let model = optimized_for_cpu(model).map_err(tract_error)?;
     Ok(Box::new(TypedSimplePlan::new(model).map_err(tract_error)?))
+}
+
+/// The graph of a CPU plan (batch fixed): decluttered, rewritten (`cpu_forms`), optimized.
+pub fn optimized_for_cpu(model: TypedModel) -> TractResult<TypedModel> {
+    let mut model = cpu_forms(model)?;
+    model.optimize()?;
+    Ok(model)
 }
 
 /// The decluttered graph in forms tract's CPU kernels run faster (issue 4; BENCHMARKS.md, "Forms
