@@ -7,16 +7,19 @@
 //!
 //!   cargo run --release -p chardiff-runtime --example plan_profile -- MODEL [BATCH] [ITERATIONS] [NODES]
 //!
-//! It times the file's graph as filed and rewritten as the sampler prepares it for the CPU
-//! (`chardiff_runtime::tract::optimized_for_cpu`), step by step in turn, then profiles the rewritten
-//! plan (`PLAN_PROFILE_AS_FILED=1`: the other); `PLAN_PROFILE_INFO=1` adds each shown node's
-//! details (a product's kernel and what it fuses).
+//! It times three plans step by step in turn: the file's graph as filed and rewritten as the
+//! sampler prepares it for the CPU (`chardiff_runtime::tract::optimized_for_cpu`), both on the
+//! tiles tract picks for their products, and the sampler's own plan (the same rewritten graph, on
+//! the tiles of `chardiff_runtime::tract::tiles` where it names one). Then it profiles the
+//! sampler's plan (`PLAN_PROFILE=as-filed` or `rewritten`: another); `PLAN_PROFILE_INFO=1` adds
+//! each shown node's details (a product's kernel and what it fuses).
 //!
 //! The allocator is the system's: with glibc, set `MALLOC_MMAP_THRESHOLD_` and
 //! `MALLOC_TRIM_THRESHOLD_` high to see the step without the page faults of memory returned to
 //! the OS between operators.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{bail, TractErrorContext};
@@ -36,9 +39,16 @@ fn main() -> TractResult<()> {
     let symbol =
         model.symbols.get(chardiff_runtime::tract::BATCH_SYMBOL).context("no batch axis")?;
     let model = model.set_symbols(&HashMap::from([(symbol, (batch as i64).to_dim())]))?;
-    // The file's graph, and the same rewritten as the sampler prepares a CPU plan.
+    // The file's graph and the same rewritten as the sampler prepares a CPU plan, both on
+    // tract's own choice of tiles for their products, and the sampler's plan itself (the tiles
+    // of `chardiff_runtime::tract::tiles` where it names one).
+    let own_tiles = |on| chardiff_runtime::tract::tiles::ENABLED.store(on, Ordering::Relaxed);
+    own_tiles(false);
     let as_filed = model.clone().into_optimized()?;
-    let rewritten = chardiff_runtime::tract::optimized_for_cpu(model)?;
+    let rewritten = chardiff_runtime::tract::optimized_for_cpu(model.clone())?;
+    own_tiles(true);
+    let sampler = chardiff_runtime::tract::optimized_for_cpu(model)?;
+    let labels = ["as filed", "rewritten", "the sampler's (rewritten, its tiles)"];
     // Any values in [-0.5, 0.5) serve: the step's work does not depend on them.
     let inputs: TVec<TValue> = as_filed
         .input_outlets()?
@@ -52,10 +62,13 @@ fn main() -> TractResult<()> {
         })
         .collect::<TractResult<_>>()?;
 
-    // Steps of the two plans interleaved, so that a VM's drifting speed touches both alike.
-    let plans = [SimplePlan::new(as_filed)?, SimplePlan::new(rewritten)?];
-    let mut states = [SimpleState::new(&plans[0])?, SimpleState::new(&plans[1])?];
-    let mut step_ms = [vec![], vec![]];
+    // Steps of the plans interleaved, so that a VM's drifting speed touches them alike.
+    let plans: Vec<_> = [as_filed, rewritten, sampler]
+        .map(SimplePlan::new)
+        .into_iter()
+        .collect::<TractResult<_>>()?;
+    let mut states: Vec<_> = plans.iter().map(SimpleState::new).collect::<TractResult<_>>()?;
+    let mut step_ms = [vec![], vec![], vec![]];
     for i in 0..iterations + 5 {
         for (state, times) in states.iter_mut().zip(&mut step_ms) {
             let start = Instant::now();
@@ -65,18 +78,29 @@ fn main() -> TractResult<()> {
             }
         }
     }
-    let median = |times: &mut Vec<f64>| {
+    println!("{path}, batch {batch}, medians of {iterations} interleaved steps:");
+    for (label, times) in labels.iter().zip(&mut step_ms) {
         times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
+        let ms = times[times.len() / 2];
+        println!("  {ms:.3} ms {label}");
+    }
+    // How far each plan's outputs lie from the previous plan's.
+    let outputs: Vec<_> =
+        states.iter_mut().map(|state| state.run(inputs.clone())).collect::<TractResult<_>>()?;
+    for (i, found) in outputs.iter().enumerate().skip(1) {
+        let mut worst = 0f32;
+        for (e, f) in outputs[i - 1].iter().zip(found) {
+            let (e, f) = (e.to_plain_array_view::<f32>()?, f.to_plain_array_view::<f32>()?);
+            worst = e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(worst, f32::max);
+        }
+        println!("  {}: outputs within {worst:.1e} of the {}", labels[i], labels[i - 1]);
+    }
+    let profiled = match std::env::var("PLAN_PROFILE") {
+        Ok(label) if label == "as-filed" => 0,
+        Ok(label) if label == "rewritten" => 1,
+        _ => 2,
     };
-    let [filed_ms, rewritten_ms] = step_ms.each_mut().map(median);
-    println!(
-        "{path}, batch {batch}: step {filed_ms:.3} ms as filed, {rewritten_ms:.3} ms rewritten \
-         for the CPU (medians of {iterations} interleaved steps)"
-    );
-    let profiled = std::env::var_os("PLAN_PROFILE_AS_FILED").is_some();
-    let (plan, state) =
-        if profiled { (&plans[0], &mut states[0]) } else { (&plans[1], &mut states[1]) };
+    let (plan, state) = (&plans[profiled], &mut states[profiled]);
 
     let mut node_ms: HashMap<usize, f64> = HashMap::new();
     for _ in 0..iterations {
@@ -91,8 +115,11 @@ fn main() -> TractResult<()> {
 
     let model = plan.model();
     let total: f64 = node_ms.values().sum();
-    let which = if profiled { "as filed" } else { "rewritten" };
-    println!("{which}: nodes timed one by one {total:.3} ms, {} nodes", model.nodes().len());
+    println!(
+        "{}: nodes timed one by one {total:.3} ms, {} nodes",
+        labels[profiled],
+        model.nodes().len()
+    );
     let mut by_kind: HashMap<String, (f64, usize)> = HashMap::new();
     for (&id, &ms) in &node_ms {
         let kind = by_kind.entry(model.node(id).op.name().to_string()).or_default();

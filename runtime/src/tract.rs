@@ -24,6 +24,8 @@ use tract_nnef::tract_core::runtime::{Runnable, State};
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
 pub const BATCH_SYMBOL: &str = "batch";
 
+pub mod tiles;
+
 #[cfg(feature = "cuda")]
 use tract_cuda as _; // links the "cuda" runtime into tract's registry
 
