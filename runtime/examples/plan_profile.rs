@@ -93,7 +93,7 @@ fn main() -> TractResult<()> {
             let (e, f) = (e.to_plain_array_view::<f32>()?, f.to_plain_array_view::<f32>()?);
             worst = e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(worst, f32::max);
         }
-        println!("  {}: outputs within {worst:.1e} of the {}", labels[i], labels[i - 1]);
+        println!("  outputs of '{}' within {worst:.1e} of '{}'", labels[i], labels[i - 1]);
     }
     let profiled = match std::env::var("PLAN_PROFILE") {
         Ok(label) if label == "as-filed" => 0,

@@ -4,8 +4,9 @@
 //! tract-linalg picks a product's kernel by asking a ladder of tiers, highest precedence first,
 //! and takes the first kernel named. On AMD CPUs with AVX-512 its tier weighs the tiles with a
 //! cost model fitted on a Ryzen 9 9950X3D, which picks the 16x12 tile for every product of the
-//! default model. On a Zen 5 EPYC the 32x6 tile runs each of them 3-10% faster, and products of
-//! up to 2048 x 2048 weights too (`runtime/examples/tiles.rs`); a whole step is ~10% faster. Per
+//! default model. On a Zen 5 EPYC the 32x6 tile runs each of them 4-8% faster in isolation, and
+//! products of up to 2048 x 2048 weights too (`runtime/examples/tiles.rs`); a whole step is
+//! 10-12% faster. Per
 //! step along k the 32x6 loads 8 vectors for 12 multiply-adds, the 16x12 13; tract's model
 //! charges the 32x6 for streaming the weights twice as often, which costs less than that here.
 //! Every tile sums each output in the same order, so the choice changes no result.
