@@ -58,7 +58,7 @@ pub fn applies() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod tier {
     use tract_nnef::prelude::DatumType;
-    use tract_nnef::tract_core::tract_linalg::isa::{Arch, IsaSet};
+    use tract_nnef::tract_core::tract_linalg::isa::{Arch, Isa, IsaSet};
     use tract_nnef::tract_core::tract_linalg::mmm::{Query, Suitable};
     use tract_nnef::tract_core::tract_linalg::mmm_tiers::MmmTier;
 
@@ -77,7 +77,8 @@ mod tier {
             // Above every tier tract declares for x86_64 (the highest, AMX int8, is 7).
             precedence: 10,
             name: "chardiff-zen5-f32",
-            applies: |_| super::applies(),
+            // The instruction set tract-linalg sees (`TRACT_CPU_ISA` can take AVX-512 away).
+            applies: |isa| isa.has(Isa::X86_64Avx512f) && super::applies(),
             preferred,
         }
     }
