@@ -6,17 +6,17 @@
 //! cost model fitted on a Ryzen 9 9950X3D, which picks the 16x12 tile for every product of the
 //! default model. On a Zen 5 EPYC the 32x6 tile runs each of them 4-8% faster in isolation, and
 //! products of up to 2048 x 2048 weights too (`runtime/examples/tiles.rs`); a whole step is
-//! 10-12% faster. Per
-//! step along k the 32x6 loads 8 vectors for 12 multiply-adds, the 16x12 13; tract's model
-//! charges the 32x6 for streaming the weights twice as often, which costs less than that here.
-//! Every tile sums each output in the same order, so the choice changes no result.
+//! 10-12% faster. Per step along k the 32x6 loads 8 vectors for 12 multiply-adds, the 16x12 13;
+//! tract's model charges the 32x6 for streaming the weights twice as often, which costs less
+//! than that here. Every tile sums each output in the same order, so the choice changes no
+//! result.
 //!
 //! This tier, asked before tract's, names the 32x6 where it was measured and nowhere else: on
 //! Zen 5 or later AMD cores, for f32 products whose sizes are known when the plan is made (the
 //! sampler fixes the batch) and fill the tile. Any other product, and every product elsewhere,
 //! runs on tract's choice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use tract_nnef::prelude::DatumType;
 
 /// Whether plans made from now on use this tier; off, every product runs on tract's choice. For
@@ -31,8 +31,7 @@ const TILE_N: usize = 6;
 /// The tile for an `m x n` product accumulated in `accumulator`, on a CPU where the tier
 /// applies; `None` leaves the choice to tract.
 pub fn tile_for(accumulator: DatumType, m: usize, n: usize) -> Option<&'static str> {
-    let fills = m >= TILE_M && n >= TILE_N;
-    (accumulator == DatumType::F32 && fills && ENABLED.load(Ordering::Relaxed)).then_some(TILE)
+    (accumulator == DatumType::F32 && m >= TILE_M && n >= TILE_N).then_some(TILE)
 }
 
 /// Whether this CPU's plans use `tile_for`: AMD Zen 5 or later (CPU family 0x1A and up) with
@@ -57,6 +56,7 @@ pub fn applies() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod tier {
+    use std::sync::atomic::Ordering;
     use tract_nnef::prelude::DatumType;
     use tract_nnef::tract_core::tract_linalg::isa::{Arch, Isa, IsaSet};
     use tract_nnef::tract_core::tract_linalg::mmm::{Query, Suitable};
@@ -68,6 +68,9 @@ mod tier {
         query: &Query,
         _: &[Suitable],
     ) -> Option<&'static str> {
+        if !super::ENABLED.load(Ordering::Relaxed) {
+            return None;
+        }
         super::tile_for(acc, query.m?, query.n?)
     }
 
@@ -87,6 +90,7 @@ mod tier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tract_nnef::prelude::*;
     use tract_nnef::tract_core::ops::einsum::EinSum;
     use tract_nnef::tract_core::ops::matmul::optimized::OptMatMul;
