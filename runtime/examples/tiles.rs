@@ -67,6 +67,8 @@ fn main() -> TractResult<()> {
             for i in 0..iterations + 50 {
                 let start = Instant::now();
                 let packed_b = pack_b.prepare_one(&b, 0, 1)?;
+                // Safety: the store describes `c` ([n, m], f32, m-axis stride 1, n-axis stride
+                // m), which outlives the run, and the packings are the tile's own.
                 unsafe {
                     let store = tile.c_from_data_and_strides(4, 1, m as isize);
                     let view = c.view_mut();
