@@ -407,6 +407,9 @@ fn int8_files_are_smaller_stay_close_to_f32_and_refuse_what_does_not_apply() {
     }
     let between = max_x0_difference(&mut int8, &mut widened, 3, 1).unwrap();
     assert!(between > 1e-4, "widening left the int8 products in place: {between}");
+    // Widened, the products are in the f32 file's form, and the plans alike: the products'
+    // scaling folded into the weights, so that the CPU plans' rewrites find what they rewrite.
+    assert_eq!(widened.plan_ops(), reference.plan_ops());
 
     let f32_compute = |p| TractDenoiser::from_bytes_with(&f32_file, cpu, Some(p)).err();
     assert!(matches!(f32_compute(Precision::Int8), Some(LoadError::ComputeInt8(Precision::F32))));
