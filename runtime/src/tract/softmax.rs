@@ -7,8 +7,9 @@
 //! rows took ~1 ns an element, a tenth of a step. `softmax_rows` is such a rows kernel: each
 //! row's max subtracted, then tract's own exp kernel over the whole buffer in one call, then each
 //! row scaled by its sum's reciprocal. On x86_64 it is registered with tract-linalg, so tract's
-//! softmax op runs it; `BiasedSoftmax` runs it with the attention bias added in its first pass,
-//! where tract would add the bias in a pass of its own.
+//! softmax op runs it where its rows are a multiple of 4 long. `RowSoftmax`, the CPU plans' own
+//! softmax operator, runs it on rows of any length, and adds the attention's bias in its first
+//! pass over each row, where tract would add the bias in a pass of its own.
 //!
 //! The max, sum and scale loops keep 16 lanes apart, so the compiler vectorizes them for the
 //! instruction set each entry is compiled for. Sums are taken in another order than tract's, and
@@ -152,42 +153,45 @@ use entries::softmax_rows as widest_softmax_rows;
 #[cfg(not(target_arch = "x86_64"))]
 use softmax_rows as widest_softmax_rows;
 
-/// `softmax(x + bias)` over the last axis of f32 `x`, `bias` a constant of the shape of `x`'s
-/// trailing axes (broadcast over the leading ones).
+/// `softmax(x + bias)` over the last axis of f32 `x`, `bias` (if any) a constant of the shape of
+/// `x`'s trailing axes (broadcast over the leading ones).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct BiasedSoftmax {
-    pub bias: Arc<Tensor>,
+pub struct RowSoftmax {
+    pub bias: Option<Arc<Tensor>>,
 }
 
-impl BiasedSoftmax {
-    /// Whether `bias` fits `x`'s shape as `BiasedSoftmax` reads it.
+impl RowSoftmax {
+    /// Whether `bias` fits `x`'s shape as `RowSoftmax` reads it.
     pub fn fits(x: &[usize], bias: &[usize]) -> bool {
         let bias = &bias[bias.iter().take_while(|&&d| d == 1).count()..];
         !bias.is_empty() && x.ends_with(bias)
     }
 }
 
-impl Op for BiasedSoftmax {
+impl Op for RowSoftmax {
     fn name(&self) -> StaticName {
-        "BiasedSoftmax".into()
+        "RowSoftmax".into()
     }
     op_as_typed_op!();
 }
 
-impl EvalOp for BiasedSoftmax {
+impl EvalOp for RowSoftmax {
     op_out_of_plan!();
 
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let mut x = args_1!(inputs).into_tensor();
-        ensure!(Self::fits(x.shape(), self.bias.shape()), "{:?} + {:?}", x.shape(), self.bias);
         let row_len = *x.shape().last().context("a scalar")?;
-        let bias = self.bias.try_as_plain_ram()?;
-        widest_softmax_rows(x.try_as_plain_ram_mut()?.as_slice_mut()?, row_len, bias.as_slice()?);
+        if let Some(bias) = &self.bias {
+            ensure!(Self::fits(x.shape(), bias.shape()), "{:?} + {bias:?}", x.shape());
+        }
+        let bias = self.bias.as_ref().map(|b| b.try_as_plain_ram()).transpose()?;
+        let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?.unwrap_or(&[]);
+        widest_softmax_rows(x.try_as_plain_ram_mut()?.as_slice_mut()?, row_len, bias);
         Ok(tvec!(x.into_tvalue()))
     }
 }
 
-impl TypedOp for BiasedSoftmax {
+impl TypedOp for RowSoftmax {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs[0].datum_type == DatumType::F32);
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
@@ -252,7 +256,8 @@ mod tests {
         let mut expected: Vec<f32> =
             (x.iter().enumerate()).map(|(i, v)| v + bias[i % bias.len()]).collect();
         tract_rows(&mut expected, row_len);
-        let op = BiasedSoftmax { bias: Arc::new(Tensor::from_shape(&[1, 3, row_len], &bias)?) };
+        let bias = Tensor::from_shape(&[1, 3, row_len], &bias)?;
+        let op = RowSoftmax { bias: Some(Arc::new(bias)) };
         let x = Tensor::from_shape(&[4, 3, row_len], &x)?;
         let found = op.eval(&EvalContext::out_of_plan(), tvec!(x.into_tvalue()))?.remove(0);
         assert_close(&expected, found.try_as_plain_ram()?.as_slice()?, row_len);
@@ -261,11 +266,11 @@ mod tests {
 
     #[test]
     fn the_bias_fits_the_trailing_axes() {
-        assert!(BiasedSoftmax::fits(&[4, 96, 96], &[4, 96, 96]));
-        assert!(BiasedSoftmax::fits(&[8, 4, 96, 96], &[1, 4, 96, 96]));
-        assert!(!BiasedSoftmax::fits(&[4, 96, 96], &[4, 1, 96]), "broadcast inside");
-        assert!(BiasedSoftmax::fits(&[4, 96, 96], &[1, 96]), "one bias row for all");
-        assert!(!BiasedSoftmax::fits(&[4, 96, 96], &[1, 1]), "a scalar");
+        assert!(RowSoftmax::fits(&[4, 96, 96], &[4, 96, 96]));
+        assert!(RowSoftmax::fits(&[8, 4, 96, 96], &[1, 4, 96, 96]));
+        assert!(!RowSoftmax::fits(&[4, 96, 96], &[4, 1, 96]), "broadcast inside");
+        assert!(RowSoftmax::fits(&[4, 96, 96], &[1, 96]), "one bias row for all");
+        assert!(!RowSoftmax::fits(&[4, 96, 96], &[1, 1]), "a scalar");
     }
 
     /// tract-linalg runs the rows kernel wherever the CPU has AVX2 and FMA.
