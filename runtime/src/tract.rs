@@ -1051,17 +1051,8 @@ fn subtract_negated_product(model: &TypedModel, id: usize) -> TractResult<Option
 /// differences of ~1e-7.
 fn fused_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
     let node = model.node(id);
-    let Some(reduce) = node.op_as::<Reduce>() else { return Ok(None) };
-    let x = node.inputs[0];
-    let fact = model.outlet_fact(x)?;
-    let rank = fact.rank();
-    let width = fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize);
-    let summed_last = reduce.reducer == Reducer::Sum && *reduce.axes == [rank - 1];
-    let (true, Some(width), DatumType::F32, None) =
-        (summed_last, width, fact.datum_type, &fact.konst)
-    else {
-        return Ok(None);
-    };
+    let Some((x, width)) = row_sum(model, node)? else { return Ok(None) };
+    let rank = model.outlet_fact(x)?.rank();
     // Each link of the chain is the only reader of the one before.
     let reader = |node: &TypedNode| only_reader(model, node);
     let Some(mean) = reader(node) else { return Ok(None) };
@@ -1119,27 +1110,30 @@ fn residual_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<Type
     Ok(Some(patch))
 }
 
+/// The summed activations and their rows' width, if `node` sums f32 activations over their last
+/// axis (of a known width).
+fn row_sum(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, usize)>> {
+    let Some(reduce) = node.op_as::<Reduce>() else { return Ok(None) };
+    let fact = model.outlet_fact(node.inputs[0])?;
+    let width = fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize);
+    let summed_last = reduce.reducer == Reducer::Sum && *reduce.axes == [fact.rank() - 1];
+    let plain = fact.datum_type == DatumType::F32 && fact.konst.is_none();
+    Ok(width.filter(|_| summed_last && plain).map(|width| (node.inputs[0], width)))
+}
+
 /// A sum over the last axis (LayerNorm's mean) becomes a product with a column of ones. tract's
 /// sum calls its kernel once per row (11 us for 96 x 128); the product takes 5 us with its
 /// packing. It sums in another order: relative differences of ~1e-7.
 fn sum_as_product(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
     let node = model.node(id);
-    let Some(reduce) = node.op_as::<Reduce>() else { return Ok(None) };
-    let fact = model.outlet_fact(node.inputs[0])?;
-    let rank = fact.rank();
-    let width = fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize);
-    let summed_last = reduce.reducer == Reducer::Sum && *reduce.axes == [rank - 1];
-    let (true, Some(width), DatumType::F32, None) =
-        (summed_last, width, fact.datum_type, &fact.konst)
-    else {
-        return Ok(None);
-    };
+    let Some((x, width)) = row_sum(model, node)? else { return Ok(None) };
+    let rank = model.outlet_fact(x)?.rank();
     let mut patch = TypedModelPatch::default();
     let kept: String = ('a'..='j').take(rank - 1).collect();
     let sum = EinSum::new(format!("{kept}k,kn->{kept}n").parse()?, f32::datum_type());
     let ones = tract_ndarray::Array2::<f32>::ones((width, 1)).into_tensor();
     let ones = patch.add_const(format!("{}.ones", node.name), ones)?;
-    let x = patch.tap_model(model, node.inputs[0])?;
+    let x = patch.tap_model(model, x)?;
     let wire = patch.wire_node(&node.name, sum, &[x, ones])?;
     patch.shunt_outside(model, id.into(), wire[0])?;
     Ok(Some(patch))
