@@ -1046,7 +1046,7 @@ fn subtract_negated_product(model: &TypedModel, id: usize) -> TractResult<Option
 
 /// LayerNorm as tract's decluttering leaves it (the row sums, scaled into means, subtracted,
 /// normalized by tract's `RmsNorm`, scaled by constant weights) becomes one operator,
-/// `layer_norm::LayerNorm`: 11 us for the default model's [96, 128] as five operators, ~2 us as
+/// `layer_norm::LayerNorm`: 11 us for the default model's [96, 128] as five operators, 3.3 us as
 /// one. The shift that follows stays for `fold_shift`. It sums in another order: relative
 /// differences of ~1e-7.
 fn fused_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
