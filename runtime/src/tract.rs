@@ -26,6 +26,7 @@ use tract_nnef::tract_core::runtime::{Runnable, State};
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
 pub const BATCH_SYMBOL: &str = "batch";
 
+mod lanes;
 mod layer_norm;
 mod softmax;
 pub mod tiles;

@@ -9,9 +9,10 @@
 //! normalized and scaled. Where the residual connection before it is a subtraction of two
 //! activations (as `cpu_forms` writes it), it takes that too, row by row, and gives both the
 //! residual stream and its normalization: one pass over the stream fewer. The loops keep 16
-//! lanes apart so that they vectorize, and run compiled for AVX-512 or AVX2 where the CPU has
-//! it. The sums are taken in another order than tract's: relative differences of ~1e-7.
+//! lanes apart so that they vectorize (`lanes`), and run compiled for AVX-512 or AVX2 where the
+//! CPU has it. The sums are taken in another order than tract's: relative differences of ~1e-7.
 
+use super::lanes;
 use std::sync::Arc;
 use tract_nnef::internal::*;
 
@@ -22,22 +23,6 @@ pub struct LayerNorm {
     pub eps: Arc<Tensor>,
     pub gamma: Arc<Tensor>,
     pub residual: bool,
-}
-
-/// Independent accumulators per sum (one AVX-512 register of f32, two AVX2 ones).
-const LANES: usize = 16;
-
-#[inline(always)]
-fn sum_by_lanes(row: &[f32], term: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().map(|&x| term(x)).sum();
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += term(x);
-        }
-    }
-    lanes.into_iter().sum::<f32>() + tail
 }
 
 /// Each `gamma`-long row of `x` (less the same row of `n`, written to `sums`, unless `n` is
@@ -54,8 +39,8 @@ fn rows(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], ep
             sum.iter_mut().zip(&x[row.clone()]).zip(&n[row]).for_each(|((s, a), b)| *s = a - b);
             &*sum
         };
-        let mean = sum_by_lanes(x, |v| v) / width as f32;
-        let variance = sum_by_lanes(x, |v| (v - mean) * (v - mean)) / width as f32;
+        let mean = lanes::sum(x, |v| v) / width as f32;
+        let variance = lanes::sum(x, |v| (v - mean) * (v - mean)) / width as f32;
         let scale = (variance + eps).sqrt().recip();
         for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
             *y = (x - mean) * scale * g;

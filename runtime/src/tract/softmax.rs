@@ -11,45 +11,16 @@
 //! softmax operator, runs it on rows of any length, and adds the attention's bias in its first
 //! pass over each row, where tract would add the bias in a pass of its own.
 //!
-//! The max, sum and scale loops keep 16 lanes apart, so the compiler vectorizes them for the
-//! instruction set each entry is compiled for. Sums are taken in another order than tract's, and
+//! The max, sum and scale loops keep 16 lanes apart (`lanes`), so the compiler vectorizes them
+//! for the instruction set each entry is compiled for. Sums are taken in another order than tract's, and
 //! the exp is tract's exp kernel rather than its softmax's own fit: the results differ from
 //! tract's in the last bits (~4e-7 relative).
 
+use super::lanes;
 use std::sync::Arc;
 use tract_nnef::internal::*;
 use tract_nnef::tract_core::tract_linalg::element_wise::ElementWise;
 use tract_nnef::tract_core::tract_linalg::Func;
-
-/// Independent accumulators per reduction: one AVX-512 register of f32, two AVX2 ones.
-const LANES: usize = 16;
-
-#[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
-    let greater = |a: f32, b: f32| if b > a { b } else { a };
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| greater(m, x));
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = greater(*lane, x);
-        }
-    }
-    lanes.into_iter().fold(tail, greater)
-}
-
-#[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += x;
-        }
-    }
-    lanes.into_iter().sum::<f32>() + tail
-}
 
 /// tract-linalg's exp kernel for this machine, made once.
 fn exp_kernel() -> Option<&'static dyn ElementWise<f32>> {
@@ -70,7 +41,7 @@ fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
         if let Some(bias) = bias_rows.next() {
             row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
         }
-        let max = row_max(row);
+        let max = lanes::max(row);
         row.iter_mut().for_each(|x| *x -= max);
     }
     // The kernel cannot fail on a plain f32 slice; were it missing, libm's exp gives the same
@@ -79,7 +50,7 @@ fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
         rows.iter_mut().for_each(|x| *x = x.exp());
     }
     for row in rows.chunks_exact_mut(row_len) {
-        let scale = row_sum(row).recip();
+        let scale = lanes::sum(row, |x| x).recip();
         row.iter_mut().for_each(|x| *x *= scale);
     }
 }
