@@ -21,6 +21,7 @@ use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
 use tract_nnef::tract_core::ops::math::{self, Add, Mul, Sub};
 use tract_nnef::tract_core::ops::nn::rms_norm::RmsNorm;
 use tract_nnef::tract_core::ops::nn::{Reduce, Reducer, Softmax, SoftmaxKind};
+use tract_nnef::tract_core::ops::quant::QuantizeLinearU8;
 use tract_nnef::tract_core::runtime::{Runnable, State};
 
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
@@ -28,6 +29,7 @@ pub const BATCH_SYMBOL: &str = "batch";
 
 mod lanes;
 mod layer_norm;
+mod quantize;
 mod softmax;
 pub mod tiles;
 
@@ -862,6 +864,8 @@ pub fn cpu_forms(model: TypedModel) -> TractResult<TypedModel> {
         sum_as_product,
         fold_shift,
         transposed_hidden,
+        vectorized_quantize,
+        fused_dequantize,
     ];
     // A pass visits every node once. After a pass that rewrote something, what nothing reads any
     // more is dropped (a rule asking for a node's only reader must not see the one it replaced)
@@ -1278,6 +1282,57 @@ fn transposed_hidden(model: &TypedModel, id: usize) -> TractResult<Option<TypedM
     let wire = patch.wire_node(&function.name, function.op.clone(), &wire)?;
     let wire = patch.wire_node(&down.name, down_op, &[wire[0], w2])?;
     patch.shunt_outside(model, down.id.into(), wire[0])?;
+    Ok(Some(patch))
+}
+
+/// tract's quantization of f32 activations to u8 (before each int8 product of an int8 plan)
+/// becomes `quantize::QuantizeU8`: the same bytes from a loop the compiler vectorizes, where
+/// tract's runs one element at a time (~2.8 ns each, 46% of the default model's int8 step).
+fn vectorized_quantize(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    let Some(ElementWiseOp(op, _)) = node.op_as::<ElementWiseOp>() else { return Ok(None) };
+    let Some(quantize) = op.downcast_ref::<QuantizeLinearU8>() else { return Ok(None) };
+    if model.outlet_fact(node.inputs[0])?.datum_type != DatumType::F32 {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::default();
+    let x = patch.tap_model(model, node.inputs[0])?;
+    let wire = patch.wire_node(&node.name, quantize::QuantizeU8(quantize.clone()), &[x])?;
+    patch.shunt_outside(model, id.into(), wire[0])?;
+    Ok(Some(patch))
+}
+
+/// An int8 product's i32 sums cast to f32, scaled and shifted per output feature by constants
+/// (`Cast(...) * s + b`, the int8 export's form) become one pass, `quantize::Dequantize`, where
+/// tract made two (0.43 ms of the default model's int8 step).
+fn fused_dequantize(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    let Some(cast) = node.op_as::<tract_nnef::tract_core::ops::cast::Cast>() else {
+        return Ok(None);
+    };
+    let input = model.outlet_fact(node.inputs[0])?;
+    if input.datum_type != DatumType::I32 || cast.to != DatumType::F32 {
+        return Ok(None);
+    }
+    let Some(width) = input.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize) else {
+        return Ok(None);
+    };
+    let Some(scaling) = only_reader(model, node) else { return Ok(None) };
+    let Some((_, scale)) = with_constant::<Mul>(model, scaling)? else { return Ok(None) };
+    let Some(shift) = only_reader(model, scaling) else { return Ok(None) };
+    let Some((_, bias)) = with_constant::<Add>(model, shift)? else { return Ok(None) };
+    let per_feature = |t: &Tensor| t.len() == width && t.shape().last() == Some(&width);
+    if !(per_feature(&scale) && per_feature(&bias)) {
+        return Ok(None);
+    }
+    let vector = |t: &Tensor| -> TractResult<Arc<Tensor>> {
+        Ok(Arc::new(tract_ndarray::Array1::from(f32_values(t)?).into_tensor()))
+    };
+    let op = quantize::Dequantize { scale: vector(&scale)?, bias: vector(&bias)? };
+    let mut patch = TypedModelPatch::default();
+    let x = patch.tap_model(model, node.inputs[0])?;
+    let wire = patch.wire_node(&shift.name, op, &[x])?;
+    patch.shunt_outside(model, shift.id.into(), wire[0])?;
     Ok(Some(patch))
 }
 

@@ -33,3 +33,30 @@ pub fn max(row: &[f32]) -> f32 {
     }
     lanes.into_iter().fold(tail, greater)
 }
+
+/// Runs `f` compiled for AVX-512, else AVX2 and FMA, as far as the CPU has them (x86_64; else
+/// as built): `f`, called once here, is inlined into a function built for those instructions,
+/// and the loops inlined into `f` vectorize for them.
+#[inline(always)]
+pub fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if is_x86_feature_detected!("avx512f") {
+            // Safety: the CPU has AVX-512F.
+            return unsafe { avx512(f) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // Safety: the CPU has AVX2 and FMA.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
