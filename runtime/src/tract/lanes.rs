@@ -35,8 +35,10 @@ pub fn max(row: &[f32]) -> f32 {
 }
 
 /// Runs `f` compiled for AVX-512, else AVX2 and FMA, as far as the CPU has them (x86_64; else
-/// as built): `f`, called once here, is inlined into a function built for those instructions,
-/// and the loops inlined into `f` vectorize for them.
+/// as built): `f` is inlined into a function built for those instructions, and the loops inlined
+/// into `f` vectorize for them. `f` must be an `#[inline(always)]` closure: left to itself the
+/// compiler built the larger ones (a LayerNorm, a softmax) apart, for the baseline instruction
+/// set, 2-4x slower.
 #[inline(always)]
 pub fn widest<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

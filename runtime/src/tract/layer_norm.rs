@@ -48,32 +48,6 @@ fn rows(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], ep
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn normalize(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], eps: f32) {
-    #[target_feature(enable = "avx512f")]
-    fn avx512(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], eps: f32) {
-        rows(x, n, sums, y, gamma, eps)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    fn avx2(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], eps: f32) {
-        rows(x, n, sums, y, gamma, eps)
-    }
-    if is_x86_feature_detected!("avx512f") {
-        // Safety: the CPU has AVX-512F.
-        unsafe { avx512(x, n, sums, y, gamma, eps) }
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // Safety: the CPU has AVX2 and FMA.
-        unsafe { avx2(x, n, sums, y, gamma, eps) }
-    } else {
-        rows(x, n, sums, y, gamma, eps)
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn normalize(x: &[f32], n: &[f32], sums: &mut [f32], y: &mut [f32], gamma: &[f32], eps: f32) {
-    rows(x, n, sums, y, gamma, eps)
-}
-
 impl Op for LayerNorm {
     fn name(&self) -> StaticName {
         if self.residual { "ResidualLayerNorm" } else { "LayerNorm" }.into()
@@ -96,18 +70,20 @@ impl EvalOp for LayerNorm {
         let gamma = gamma.as_slice::<f32>()?;
         ensure!(x.shape().last() == Some(&gamma.len()), "LayerNorm of {:?}", x.shape());
         let eps = self.eps.cast_to_scalar::<f32>()?;
-        // Safety: `normalize` writes every element of both (of `sums` if it is read).
+        // Safety: `rows` writes every element of both (of `sums` if it is read).
         let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let sums_shape: &[usize] = if n.is_some() { x.shape() } else { &[0] };
         let mut sums = unsafe { Tensor::uninitialized::<f32>(sums_shape)? };
         let n = n.as_ref().map(|n| n.try_as_plain_ram()).transpose()?;
-        normalize(
-            x.try_as_plain_ram()?.as_slice::<f32>()?,
-            n.as_ref().map(|n| n.as_slice::<f32>()).transpose()?.unwrap_or(&[]),
-            sums.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-            gamma,
-            eps,
+        let x = x.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let n = n.as_ref().map(|n| n.as_slice::<f32>()).transpose()?.unwrap_or(&[]);
+        let (mut sums_view, mut y_view) = (sums.try_as_plain_ram_mut()?, y.try_as_plain_ram_mut()?);
+        let (sums_slice, y_slice) =
+            (sums_view.as_slice_mut::<f32>()?, y_view.as_slice_mut::<f32>()?);
+        lanes::widest(
+            #[inline(always)]
+            || rows(x, n, sums_slice, y_slice, gamma, eps),
         );
         Ok(if self.residual {
             tvec!(sums.into_tvalue(), y.into_tvalue())

@@ -50,7 +50,10 @@ impl EvalOp for QuantizeU8 {
         let (xs, mut ys) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
         let (xs, ys) = (xs.as_slice::<f32>()?, ys.as_slice_mut::<u8>()?);
         let QuantizeLinearU8 { scale, zero_point } = self.0;
-        lanes::widest(|| quantize(xs, ys, scale, zero_point as f32));
+        lanes::widest(
+            #[inline(always)]
+            || quantize(xs, ys, scale, zero_point as f32),
+        );
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -102,7 +105,10 @@ impl EvalOp for Dequantize {
         let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let (xs, mut ys) = (x.try_as_plain_ram()?, y.try_as_plain_ram_mut()?);
         let (xs, ys) = (xs.as_slice::<i32>()?, ys.as_slice_mut::<f32>()?);
-        lanes::widest(|| dequantize(xs, ys, scale, bias));
+        lanes::widest(
+            #[inline(always)]
+            || dequantize(xs, ys, scale, bias),
+        );
         Ok(tvec!(y.into_tvalue()))
     }
 }

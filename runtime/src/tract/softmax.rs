@@ -71,19 +71,6 @@ mod entries {
         super::softmax_rows(rows, row_len, bias)
     }
 
-    /// The widest entry this CPU runs.
-    pub fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F.
-            unsafe { avx512(rows, row_len, bias) }
-        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // Safety: the CPU has AVX2 and FMA.
-            unsafe { avx2(rows, row_len, bias) }
-        } else {
-            super::softmax_rows(rows, row_len, bias)
-        }
-    }
-
     fn softmax_rows_avx512(rows: &mut [f32], row_len: usize) {
         // Safety: tract-linalg calls this entry only where its instruction set, which can only
         // take features away from the probed one (`TRACT_CPU_ISA`), has AVX-512F.
@@ -119,10 +106,13 @@ mod entries {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-use entries::softmax_rows as widest_softmax_rows;
-#[cfg(not(target_arch = "x86_64"))]
-use softmax_rows as widest_softmax_rows;
+/// `softmax_rows` built for the widest vector instructions this CPU has.
+fn widest_softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
+    lanes::widest(
+        #[inline(always)]
+        || softmax_rows(rows, row_len, bias),
+    )
+}
 
 /// `softmax(x + bias)` over the last axis of f32 `x`, `bias` (if any) a constant of the shape of
 /// `x`'s trailing axes (broadcast over the leading ones).
