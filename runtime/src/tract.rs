@@ -231,12 +231,13 @@ pub fn int8_dot_product() -> Option<&'static str> {
 }
 
 /// The arithmetic a file with `stored` weights runs in: the one `asked` for where it applies,
-/// else the fastest measured. f16 weights compute in f16 only with native fp16 (tract's f16 is
-/// scalar code elsewhere). int8 files compute in f32 from their weights widened once at load,
-/// even with int8 dot products: there tract's int8 products take half the f32 time, but
-/// quantizing each activation (a scalar pass) and scaling the products back cost more, so its
-/// int8 step took 1.0-1.6x the f32 step on the two VNNI CPUs measured (BENCHMARKS.md). Asked
-/// for, they run in int8 (on a CPU: tract's CUDA products take f32 and f16 only).
+/// else a default. f16 weights compute in f16 only with native fp16 (tract's f16 is scalar code
+/// elsewhere). int8 files compute in f32 from their weights widened once at load: the closest to
+/// the f32 model (the default model's x0 moves by 0.07 at most, by 0.40 with int8 products), on
+/// any CPU and on a GPU (tract's CUDA products take f32 and f16 only). Asked for, they run in
+/// int8: with the CPU plans' vectorized quantization, 0.70-0.72x the f32 step on the one VNNI
+/// CPU measured since (1.0-1.6x before, on two; BENCHMARKS.md), tens of times slower where the
+/// CPU has no int8 dot products.
 pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
     match (asked, stored) {
         (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
