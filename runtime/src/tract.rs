@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use tract_nnef::prelude::*;
 use tract_nnef::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
+use tract_nnef::tract_core::ops::cast::Cast;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
 use tract_nnef::tract_core::ops::math::{self, Add, Mul, Sub};
@@ -930,6 +931,20 @@ fn f32_values(t: &Tensor) -> TractResult<Vec<f32>> {
     Ok(t.cast_to::<f32>()?.to_plain_array_view::<f32>()?.iter().copied().collect())
 }
 
+/// The length of `fact`'s last axis, if it is known.
+fn last_axis(fact: &TypedFact) -> Option<usize> {
+    fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize)
+}
+
+/// `t` as an f32 vector, if it holds one value per feature of a `width`-long last axis (the same
+/// for every position: a LayerNorm's weights, a product's scale or bias).
+fn per_feature(t: &Tensor, width: usize) -> TractResult<Option<Arc<Tensor>>> {
+    if t.len() != width || t.shape().last() != Some(&width) {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(tract_ndarray::Array1::from(f32_values(t)?).into_tensor())))
+}
+
 fn negated(t: &Tensor) -> TractResult<Tensor> {
     let values = t.cast_to::<f32>()?.to_plain_array_view::<f32>()?.mapv(|v| -v);
     Ok(values.into_tensor().cast_to_dt(t.datum_type())?.into_owned())
@@ -1079,10 +1094,7 @@ fn fused_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<TypedMo
     };
     let Some(scaled) = reader(normalized) else { return Ok(None) };
     let Some((_, gamma)) = with_constant::<Mul>(model, scaled)? else { return Ok(None) };
-    if gamma.len() != width || gamma.shape().last() != Some(&width) {
-        return Ok(None);
-    }
-    let gamma = Arc::new(tract_ndarray::Array1::from(f32_values(&gamma)?).into_tensor());
+    let Some(gamma) = per_feature(&gamma, width)? else { return Ok(None) };
     let mut patch = TypedModelPatch::default();
     let x = patch.tap_model(model, x)?;
     let op = layer_norm::LayerNorm { eps: rms.eps.clone(), gamma, beta: None, residual: None };
@@ -1138,10 +1150,7 @@ fn shifted_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<Typed
     };
     let shift = model.node(reader.node);
     let Some((_, beta)) = with_constant::<Add>(model, shift)? else { return Ok(None) };
-    if beta.len() != width || beta.shape().last() != Some(&width) {
-        return Ok(None);
-    }
-    let beta = Arc::new(tract_ndarray::Array1::from(f32_values(&beta)?).into_tensor());
+    let Some(beta) = per_feature(&beta, width)? else { return Ok(None) };
     let mut patch = TypedModelPatch::default();
     let inputs: TVec<OutletId> =
         node.inputs.iter().map(|&i| patch.tap_model(model, i)).collect::<TractResult<_>>()?;
@@ -1159,7 +1168,7 @@ fn shifted_layer_norm(model: &TypedModel, id: usize) -> TractResult<Option<Typed
 fn row_sum(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, usize)>> {
     let Some(reduce) = node.op_as::<Reduce>() else { return Ok(None) };
     let fact = model.outlet_fact(node.inputs[0])?;
-    let width = fact.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize);
+    let width = last_axis(fact);
     let summed_last = reduce.reducer == Reducer::Sum && *reduce.axes == [fact.rank() - 1];
     let plain = fact.datum_type == DatumType::F32 && fact.konst.is_none();
     Ok(width.filter(|_| summed_last && plain).map(|width| (node.inputs[0], width)))
@@ -1346,28 +1355,21 @@ fn vectorized_quantize(model: &TypedModel, id: usize) -> TractResult<Option<Type
 /// tract made two (0.43 ms of the default model's int8 step).
 fn fused_dequantize(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
     let node = model.node(id);
-    let Some(cast) = node.op_as::<tract_nnef::tract_core::ops::cast::Cast>() else {
-        return Ok(None);
-    };
+    let Some(cast) = node.op_as::<Cast>() else { return Ok(None) };
     let input = model.outlet_fact(node.inputs[0])?;
     if input.datum_type != DatumType::I32 || cast.to != DatumType::F32 {
         return Ok(None);
     }
-    let Some(width) = input.shape.last().and_then(|d| d.as_i64()).map(|d| d as usize) else {
-        return Ok(None);
-    };
+    let Some(width) = last_axis(input) else { return Ok(None) };
     let Some(scaling) = only_reader(model, node) else { return Ok(None) };
     let Some((_, scale)) = with_constant::<Mul>(model, scaling)? else { return Ok(None) };
     let Some(shift) = only_reader(model, scaling) else { return Ok(None) };
     let Some((_, bias)) = with_constant::<Add>(model, shift)? else { return Ok(None) };
-    let per_feature = |t: &Tensor| t.len() == width && t.shape().last() == Some(&width);
-    if !(per_feature(&scale) && per_feature(&bias)) {
+    let (Some(scale), Some(bias)) = (per_feature(&scale, width)?, per_feature(&bias, width)?)
+    else {
         return Ok(None);
-    }
-    let vector = |t: &Tensor| -> TractResult<Arc<Tensor>> {
-        Ok(Arc::new(tract_ndarray::Array1::from(f32_values(t)?).into_tensor()))
     };
-    let op = quantize::Dequantize { scale: vector(&scale)?, bias: vector(&bias)? };
+    let op = quantize::Dequantize { scale, bias };
     let mut patch = TypedModelPatch::default();
     let x = patch.tap_model(model, node.inputs[0])?;
     let wire = patch.wire_node(&shift.name, op, &[x])?;

@@ -9,9 +9,10 @@
 //! normalized and scaled (and shifted, where no product's bias takes the shift). Where the
 //! residual connection before it is the sum or difference of two activations (as `cpu_forms`
 //! writes it in f32 plans, as the int8 export does), it takes that too, row by row, and gives
-//! both the residual stream and its normalization: one pass over the stream fewer. The loops keep 16
-//! lanes apart so that they vectorize (`lanes`), and run compiled for AVX-512 or AVX2 where the
-//! CPU has it. The sums are taken in another order than tract's: relative differences of ~1e-7.
+//! both the residual stream and its normalization: one pass over the stream fewer. The loops
+//! keep 16 lanes apart so that they vectorize (`lanes`), and run compiled for AVX-512 or AVX2
+//! where the CPU has it. The sums are taken in another order than tract's: relative differences
+//! of ~1e-7.
 
 use super::lanes;
 use std::sync::Arc;

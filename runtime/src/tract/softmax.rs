@@ -12,9 +12,9 @@
 //! pass over each row, where tract would add the bias in a pass of its own.
 //!
 //! The max, sum and scale loops keep 16 lanes apart (`lanes`), so the compiler vectorizes them
-//! for the instruction set each entry is compiled for. Sums are taken in another order than tract's, and
-//! the exp is tract's exp kernel rather than its softmax's own fit: the results differ from
-//! tract's in the last bits (~4e-7 relative).
+//! for the instruction set each entry is compiled for. Sums are taken in another order than
+//! tract's, and the exp is tract's exp kernel rather than its softmax's own fit: the results
+//! differ from tract's in the last bits (~4e-7 relative).
 
 use super::lanes;
 use std::sync::Arc;
@@ -101,8 +101,9 @@ mod entries {
     inventory::submit! {
         entry(&[Isa::X86_64Avx512f], "chardiff_avx512_softmax_rows_f32", softmax_rows_avx512)
     }
+    const AVX2_FMA: &[Isa] = &[Isa::X86_64Avx2, Isa::X86_64Fma];
     inventory::submit! {
-        entry(&[Isa::X86_64Avx2, Isa::X86_64Fma], "chardiff_avx2_softmax_rows_f32", softmax_rows_avx2)
+        entry(AVX2_FMA, "chardiff_avx2_softmax_rows_f32", softmax_rows_avx2)
     }
 }
 
