@@ -92,7 +92,9 @@ fn random_model(head: Head, conditioning: bool, activation: Activation, seed: u6
     // Every form of the attention block.
     let attention_bias =
         [AttentionBias::Relative, AttentionBias::None, AttentionBias::Full][seed as usize % 3];
-    let model = ModelConfig { activation, attention_bias, ..tiny_model() };
+    // Heads of 32 features (the CPU plans' own attention operator) and of 16 (tract's products).
+    let heads = [1, 2][seed as usize % 2];
+    let model = ModelConfig { activation, attention_bias, heads, ..tiny_model() };
     let trainer = Trainer::create(dir.path(), tiny_config(head, conditioning, 10), model).unwrap();
     let mut spec = trainer.spec.clone();
     spec.recommended_steps = 10;
@@ -121,6 +123,10 @@ fn parity(model: TrainedModel) -> f32 {
     let mut out = data.output();
     tract.denoise(&data.input(), &mut out).unwrap();
     assert!(out.iter().any(|v| v.abs() > 1e-2), "outputs are degenerate");
+    // The CPU plan runs the attention as one operator where a head's features fill its tiles.
+    let fused = tract.plan_ops().iter().any(|(op, _)| op == "Attention");
+    let head_features = model.config.dim / model.config.heads;
+    assert_eq!(fused, head_features.is_multiple_of(32), "{:?}", model.config);
     let mut candle = model.denoiser();
     let mut worst = 0.0f32;
     for (seed, batch) in [1, 3, 8].into_iter().enumerate() {

@@ -28,6 +28,7 @@ use tract_nnef::tract_core::runtime::{Runnable, State};
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
 pub const BATCH_SYMBOL: &str = "batch";
 
+mod attention;
 mod lanes;
 mod layer_norm;
 mod quantize;
@@ -859,6 +860,7 @@ pub fn cpu_forms(model: TypedModel) -> TractResult<TypedModel> {
     let rules = [
         biased_softmax,
         own_softmax,
+        fused_attention,
         subtract_negated_constant,
         subtract_negated_product,
         fused_layer_norm,
@@ -987,6 +989,77 @@ fn own_softmax(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPa
     let wire = patch.wire_node(&node.name, softmax::RowSoftmax { bias: None }, &[x])?;
     patch.shunt_outside(model, id.into(), wire[0])?;
     Ok(Some(patch))
+}
+
+/// The attention's two products per head and the softmax between them, for one sequence,
+/// become one operator, `attention::Attention`: tract packs the four inputs of the two products
+/// (three of them transposed) and runs each on panels of the whole [heads, 96, 96] scores; the
+/// operator reads queries, keys and values where they lie and keeps a few rows of scores in L1.
+fn fused_attention(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    // out[i, h, d] = sum_j p[h, i, j] v[j, h, d], p = softmax(s), s[h, i, j] = q[i, h] . k[j, h]
+    // (Where a graph has one head, tract's decluttering took the heads' axis away.)
+    let node = model.node(id);
+    let heads_axis = einsum_is(node, "hij,jhd->ihd");
+    if !heads_axis && !einsum_is(node, "ij,jd->id") {
+        return Ok(None);
+    }
+    let probabilities = model.node(node.inputs[0].node);
+    let Some(softmax) = probabilities.op_as::<softmax::RowSoftmax>() else { return Ok(None) };
+    let scores = model.node(probabilities.inputs[0].node);
+    let only_read_by =
+        |n: &TypedNode, reader: usize| only_reader(model, n).map(|r| r.id) == Some(reader);
+    let scores_expression = if heads_axis { "ihd,jhd->hij" } else { "id,jd->ij" };
+    if !einsum_is(scores, scores_expression)
+        || !only_read_by(scores, probabilities.id)
+        || !only_read_by(probabilities, id)
+    {
+        return Ok(None);
+    }
+    let [q, k, v] = [scores.inputs[0], scores.inputs[1], node.inputs[1]];
+    let shapes = [q, k, v]
+        .map(|outlet| model.outlet_fact(outlet).map(|f| f.shape.as_concrete().map(|s| s.to_vec())));
+    let [Some(q_shape), Some(k_shape), Some(v_shape)] = shapes.map(|s| s.ok().flatten()) else {
+        return Ok(None);
+    };
+    let bias = match (&softmax.bias, q_shape.first()) {
+        (Some(bias), Some(&positions)) => attention::Bias::of(bias.clone(), positions)?,
+        _ => attention::Bias::None,
+    };
+    let op = attention::Attention { bias };
+    if q_shape != k_shape || q_shape != v_shape || !op.fits(&q_shape) {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::default();
+    let inputs = [q, k, v].map(|outlet| patch.tap_model(model, outlet));
+    let [q, k, v] = inputs;
+    let wire = patch.wire_node(&node.name, op, &[q?, k?, v?])?;
+    patch.shunt_outside(model, id.into(), wire[0])?;
+    Ok(Some(patch))
+}
+
+/// Whether `node` is a plain f32 `EinSum` of the `expression` (axes named in any letters).
+fn einsum_is(node: &TypedNode, expression: &str) -> bool {
+    // Each letter named by the order it first appears in.
+    let canonical = |e: &str| -> String {
+        let mut seen = vec![];
+        e.chars()
+            .map(|c| match c.is_alphabetic() {
+                true => {
+                    let at = seen.iter().position(|&s| s == c).unwrap_or_else(|| {
+                        seen.push(c);
+                        seen.len() - 1
+                    });
+                    (b'a' + at as u8) as char
+                }
+                false => c,
+            })
+            .collect()
+    };
+    node.op_as::<EinSum>().is_some_and(|op| {
+        op.q_params.is_none()
+            && op.operating_dt == DatumType::F32
+            && canonical(&op.axes.to_string()) == canonical(expression)
+    })
 }
 
 /// The input's shape if `node` is a plain f32 softmax over the last axis of a known shape.

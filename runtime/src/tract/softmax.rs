@@ -32,7 +32,7 @@ fn exp_kernel() -> Option<&'static dyn ElementWise<f32>> {
 /// The softmax of each `row_len`-long row of `rows` plus `bias` (whole rows, repeated as often
 /// as it fits), in place.
 #[inline(always)]
-fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
+pub(super) fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
     if row_len == 0 {
         return;
     }
