@@ -29,6 +29,18 @@ type Vector = [f32; LANES];
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Attention {
     pub bias: Bias,
+    pub joined: Option<Joined>,
+}
+
+/// The queries, keys and values as one input, their features side by side, [positions, 3 x
+/// heads x features], as one product of the three projections gives them; the queries not yet
+/// scaled.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Joined {
+    /// The output's: [positions, heads, features] or [positions, features].
+    pub shape: TVec<usize>,
+    /// What multiplies the scores: the queries' scale.
+    pub scale: Arc<Tensor>,
 }
 
 /// The constant added to the scores [heads, positions, positions].
@@ -71,19 +83,20 @@ impl Bias {
         Ok(Bias::Offsets(Arc::new(Tensor::from_shape(&[heads, 2 * positions - 1], &offsets)?)))
     }
 
-    /// The bias of query `i`'s scores in head `h`, `positions` long (empty for none).
-    #[inline(always)]
-    fn row<'a>(&self, values: &'a [f32], h: usize, i: usize, positions: usize) -> &'a [f32] {
+    /// Where head `h`'s bias rows start in the bias's `len` values, and the step from one
+    /// query's row to the next (`None` for no bias): query `i`'s `positions` values start at
+    /// `start + i * step`.
+    fn head_rows(&self, len: usize, h: usize, positions: usize) -> Option<(usize, isize)> {
+        let p = positions as isize;
         match self {
-            Bias::None => &[],
-            Bias::Rows(_) => {
-                let rows = values.len() / positions;
-                &values[(h * positions + i) % rows * positions..][..positions]
-            }
+            Bias::None => None,
+            // One row for all, or a head's rows (or those of the only head).
+            Bias::Rows(_) if len == positions => Some((0, 0)),
+            Bias::Rows(_) => Some(((h * positions * positions) % len, p)),
+            // Query i's row starts at offset -i: `positions - 1 - i`.
             Bias::Offsets(_) => {
                 let width = 2 * positions - 1;
-                let heads = values.len() / width;
-                &values[h % heads * width + positions - 1 - i..][..positions]
+                Some(((h % (len / width)) * width + positions - 1, -1))
             }
         }
     }
@@ -168,31 +181,44 @@ fn tile_of(row: &[f32]) -> (&Vector, &Vector) {
 }
 
 /// `ROWS` sums of two vectors each: for each of `terms` rows of `tiles` (one every `stride`,
-/// two vectors each), each sum plus the row times its weight (`weights[r][i]`, the `i`th term's).
+/// two vectors each), sum `r` plus the row times its weight, the `i`th term's weight of sum `r`
+/// at `weights[r * weights_stride + i]`.
 #[inline(always)]
 fn tile_sums<M: MulAdd, const ROWS: usize>(
-    weights: [&[f32]; ROWS],
+    (weights, weights_stride): (&[f32], usize),
     tiles: &[f32],
     stride: usize,
     terms: usize,
 ) -> [[Vector; 2]; ROWS] {
     let mut acc = [[[0f32; LANES]; 2]; ROWS];
+    if terms == 0 {
+        return acc;
+    }
+    // Bounds checked once here rather than at each load of the loop.
+    assert!(weights.len() >= (ROWS - 1) * weights_stride + terms);
+    assert!(tiles.len() >= (terms - 1) * stride + TILE);
     for i in 0..terms {
-        let (low, high) = tile_of(&tiles[i * stride..]);
-        for r in 0..ROWS {
-            let w = weights[r][i];
-            accumulate::<M>(&mut acc[r][0], w, low);
-            accumulate::<M>(&mut acc[r][1], w, high);
+        // Safety: within the lengths asserted above.
+        let tile = unsafe { tiles.get_unchecked(i * stride..i * stride + TILE) };
+        let (low, high) = tile_of(tile);
+        for (r, [acc_low, acc_high]) in acc.iter_mut().enumerate() {
+            // Safety: as above.
+            let w = unsafe { *weights.get_unchecked(r * weights_stride + i) };
+            accumulate::<M>(acc_low, w, low);
+            accumulate::<M>(acc_high, w, high);
         }
     }
     acc
 }
 
-/// The operator's shapes and buffers, as slices.
+/// The operator's shapes and buffers, as slices: each position's queries, keys and values at
+/// the start of its row of `input_row` values of `q`, `k` and `v`.
 struct Heads<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    input_row: usize,
+    scale: f32,
     bias: (&'a Bias, &'a [f32]),
     out: &'a mut [f32],
     positions: usize,
@@ -203,44 +229,59 @@ struct Heads<'a> {
 /// The attention of every head, `ROWS` queries at a time.
 #[inline(always)]
 fn attention<M: MulAdd, const ROWS: usize>(a: Heads) {
-    let Heads { q, k, v, bias, out, positions, heads, features } = a;
+    let Heads { q, k, v, input_row, scale, bias, out, positions, heads, features } = a;
     let row = heads * features;
     // The keys' side padded to whole tiles with zero keys, whose scores are never read.
     let stride = positions.div_ceil(TILE) * TILE;
     let mut kt = vec![0f32; features * stride];
     let mut scores = vec![0f32; ROWS * positions];
+    let mut last_queries = vec![0f32; ROWS * features];
     let (bias, bias_values) = bias;
     for h in 0..heads {
-        for (j, key) in k.chunks_exact(row).enumerate() {
-            for (i, &x) in key[h * features..][..features].iter().enumerate() {
-                kt[i * stride + j] = x;
+        let keys = &k[h * features..];
+        assert!(keys.len() >= (positions - 1) * input_row + features);
+        for (i, kt) in kt.chunks_exact_mut(stride).enumerate() {
+            for (j, kt) in kt[..positions].iter_mut().enumerate() {
+                // Safety: within the length asserted above.
+                *kt = unsafe { *keys.get_unchecked(j * input_row + i) };
             }
         }
+        let head_bias = bias.head_rows(bias_values.len(), h, positions);
         for first in (0..positions).step_by(ROWS) {
             let rows = ROWS.min(positions - first);
-            // A last block of fewer queries repeats its last one, whose results are not kept.
-            let at = |r: usize| (first + r.min(rows - 1)) * row + h * features;
-            let queries = std::array::from_fn(|r| &q[at(r)..][..features]);
+            let block = first * input_row + h * features;
+            // A last block of fewer queries is copied out, after zeros, whose scores are not kept.
+            let queries = if rows == ROWS {
+                (&q[block..], input_row)
+            } else {
+                for (r, query) in last_queries.chunks_exact_mut(features).take(rows).enumerate() {
+                    query.copy_from_slice(&q[block + r * input_row..][..features]);
+                }
+                (&last_queries[..], features)
+            };
             for j in (0..stride).step_by(TILE) {
                 let acc = tile_sums::<M, ROWS>(queries, &kt[j..], stride, features);
                 let kept = TILE.min(positions - j);
                 let rows_of_scores = scores.chunks_exact_mut(positions).zip(&acc);
                 for (r, (scores, acc)) in rows_of_scores.enumerate().take(rows) {
                     let (scores, acc) = (&mut scores[j..j + kept], &acc.as_flattened()[..kept]);
-                    match bias.row(bias_values, h, first + r, positions) {
-                        [] => scores.copy_from_slice(acc),
-                        bias => (scores.iter_mut().zip(acc).zip(&bias[j..j + kept]))
-                            .for_each(|((s, a), b)| *s = a + b),
+                    match head_bias {
+                        None => scores.iter_mut().zip(acc).for_each(|(s, a)| *s = a * scale),
+                        Some((start, step)) => {
+                            let at = (start as isize + (first + r) as isize * step) as usize + j;
+                            (scores.iter_mut().zip(acc).zip(&bias_values[at..at + kept]))
+                                .for_each(|((s, a), b)| *s = a * scale + b)
+                        }
                     }
                 }
             }
-            let scores = &mut scores[..rows * positions];
-            softmax::softmax_rows(scores, positions, &[]);
-            let probabilities =
-                std::array::from_fn(|r| &scores[r.min(rows - 1) * positions..][..positions]);
+            softmax::softmax_rows(&mut scores[..rows * positions], positions, &[]);
+            // (In a last block of fewer queries, the rows after them hold zeros or earlier
+            // probabilities, whose sums are not kept.)
+            let probabilities = (&scores[..], positions);
             for c in (0..features).step_by(TILE) {
-                let acc =
-                    tile_sums::<M, ROWS>(probabilities, &v[h * features + c..], row, positions);
+                let values = &v[h * features + c..];
+                let acc = tile_sums::<M, ROWS>(probabilities, values, input_row, positions);
                 for (r, acc) in acc.iter().enumerate().take(rows) {
                     let at = (first + r) * row + h * features + c;
                     out[at..at + TILE].copy_from_slice(acc.as_flattened());
@@ -288,20 +329,38 @@ impl EvalOp for Attention {
     op_out_of_plan!();
 
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (q, k, v) = args_3!(inputs);
-        let shape = q.shape();
-        ensure!(k.shape() == shape && v.shape() == shape, "{shape:?} {k:?} {v:?}");
-        ensure!(self.fits(shape), "attention of {shape:?}, bias {:?}", self.bias);
-        let [positions, heads, features] = Self::dims(shape).context("fits")?;
+        let shape: TVec<usize> = match &self.joined {
+            Some(joined) => joined.shape.clone(),
+            None => inputs[0].shape().into(),
+        };
+        ensure!(self.fits(&shape), "attention of {shape:?}, bias {:?}", self.bias);
+        let [positions, heads, features] = Self::dims(&shape).context("fits")?;
+        let row = heads * features;
+        let (scale, input_row, [q, k, v]) = match &self.joined {
+            Some(joined) => {
+                let qkv = args_1!(inputs);
+                ensure!(qkv.shape() == [positions, 3 * row], "{:?} for {shape:?}", qkv.shape());
+                (joined.scale.cast_to_scalar::<f32>()?, 3 * row, [qkv.clone(), qkv.clone(), qkv])
+            }
+            None => {
+                let (q, k, v) = args_3!(inputs);
+                ensure!(k.shape() == &*shape && v.shape() == &*shape, "{shape:?} {k:?} {v:?}");
+                (1.0, row, [q, k, v])
+            }
+        };
         let bias = self.bias.tensor().map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?.unwrap_or(&[]);
-        let mut out = unsafe { Tensor::uninitialized::<f32>(shape)? };
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         let (q, k, v) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?);
+        // Joined, the keys and values start a head's features after the queries.
+        let offsets = if self.joined.is_some() { [0, row, 2 * row] } else { [0; 3] };
         let mut out_view = out.try_as_plain_ram_mut()?;
         widest_attention(Heads {
-            q: q.as_slice()?,
-            k: k.as_slice()?,
-            v: v.as_slice()?,
+            q: &q.as_slice()?[offsets[0]..],
+            k: &k.as_slice()?[offsets[1]..],
+            v: &v.as_slice()?[offsets[2]..],
+            input_row,
+            scale,
             bias: (&self.bias, bias),
             // Safety: `attention` writes every element.
             out: out_view.as_slice_mut()?,
@@ -316,7 +375,10 @@ impl EvalOp for Attention {
 impl TypedOp for Attention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.iter().all(|fact| fact.datum_type == DatumType::F32));
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+        Ok(tvec!(match &self.joined {
+            Some(joined) => f32::fact(&*joined.shape),
+            None => f32::fact(inputs[0].shape.clone()),
+        }))
     }
     as_op!();
 }
@@ -399,7 +461,7 @@ mod tests {
             // The relative biases are read by offsets, the others by rows.
             let offsets = matches!(bias, Bias::Offsets(_));
             assert_eq!(offsets, [96, 13].contains(&shape[0]), "{shape:?}: {bias:?}");
-            let op = Attention { bias };
+            let op = Attention { bias, joined: None };
             assert!(op.fits(&shape));
             let tensor = |x: &[f32]| Tensor::from_shape(&shape, x).map(|t| t.into_tvalue());
             let inputs = tvec!(tensor(&q)?, tensor(&k)?, tensor(&v)?);
@@ -415,13 +477,29 @@ mod tests {
             for (build, out) in builds.iter_mut().enumerate() {
                 let [positions, heads, features] = shape;
                 let (q, k, v, bias) = (&q[..], &k[..], &v[..], (&op.bias, bias_values));
-                let heads = Heads { q, k, v, bias, out, positions, heads, features };
+                let (input_row, scale) = (heads * features, 1.0);
+                let heads =
+                    Heads { q, k, v, input_row, scale, bias, out, positions, heads, features };
                 match build {
                     0 => attention::<Separate, 1>(heads),
                     _ => attention::<Fused, 3>(heads),
                 }
             }
-            for found in [found.as_slice::<f32>()?, &builds[0], &builds[1]] {
+            // And the three as one input of the projections side by side, the queries unscaled.
+            let scale = 0.25f32;
+            let row = len / shape[0];
+            let rows = |x: &[f32]| x.chunks_exact(row).map(|r| r.to_vec()).collect::<Vec<_>>();
+            let unscaled: Vec<f32> = q.iter().map(|x| x / scale).collect();
+            let [q, k, v] = [rows(&unscaled), rows(&k), rows(&v)];
+            let qkv: Vec<f32> =
+                (0..shape[0]).flat_map(|p| [&q[p], &k[p], &v[p]]).flatten().copied().collect();
+            let joined = Joined { shape: shape[..].into(), scale: rctensor0(scale) };
+            let op = Attention { joined: Some(joined), ..op };
+            let qkv = Tensor::from_shape(&[shape[0], 3 * row], &qkv)?.into_tvalue();
+            let joined = op.eval(&EvalContext::out_of_plan(), tvec!(qkv))?.remove(0);
+            let joined = joined.try_as_plain_ram()?;
+            let builds = [found.as_slice::<f32>()?, &builds[0], &builds[1], joined.as_slice()?];
+            for found in builds {
                 for (e, f) in expected.iter().zip(found) {
                     assert!((e - f).abs() < 1e-6, "{shape:?}: {e} vs {f}");
                 }
@@ -433,7 +511,7 @@ mod tests {
     #[test]
     fn fits_whole_values_tiles() -> TractResult<()> {
         let rows = |shape: &[usize]| Bias::Rows(Arc::new(Tensor::zero::<f32>(shape).unwrap()));
-        let fits = |bias, shape: &[usize]| Attention { bias }.fits(shape);
+        let fits = |bias, shape: &[usize]| Attention { bias, joined: None }.fits(shape);
         assert!(fits(rows(&[4, 96, 96]), &[96, 4, 32]));
         assert!(fits(rows(&[1, 96]), &[96, 4, 32]), "one bias row for all");
         assert!(!fits(Bias::None, &[96, 4, 24]), "features not a multiple of 32");
