@@ -1063,21 +1063,39 @@ fn joined_projections(model: &TypedModel, id: usize) -> TractResult<Option<Typed
     let projections =
         readers.map(|(outlet, reader)| projection(model, outlet, reader).ok().flatten());
     let [Some(q), Some(k), Some(v)] = projections else { return Ok(None) };
-    if q.input != k.input || q.input != v.input {
+    // The same product of the same activation (with the same quantization), weights apart.
+    let others = |p: &Projection| (p.product.clone(), p.inputs[0], p.inputs[2..].to_vec());
+    let dequantized = |p: &Projection| p.scale.is_some();
+    if others(&q) != others(&k)
+        || others(&q) != others(&v)
+        || [&k, &v].map(dequantized) != [dequantized(&q); 2]
+    {
         return Ok(None);
     }
     let mut patch = TypedModelPatch::default();
-    let x = patch.tap_model(model, q.input)?;
     let weights = Tensor::stack_tensors(1, &[&*q.weights, &*k.weights, &*v.weights])?;
-    let biases = [&q.bias, &k.bias, &v.bias].map(|b| f32_values(b));
-    let biases: Vec<f32> = biases.into_iter().collect::<TractResult<Vec<_>>>()?.concat();
-    let width = biases.len();
     let weights = patch.add_const(format!("{}.weights", node.name), weights)?;
-    let biases = Tensor::from_shape(&[1, width], &biases)?;
-    let biases = patch.add_const(format!("{}.biases", node.name), biases)?;
-    let product = EinSum::new("mk,kn->mn".parse()?, DatumType::F32);
-    let qkv = patch.wire_node(format!("{}.projections", node.name), product, &[x, weights])?;
-    let qkv = patch.wire_node(format!("{}.biased", node.name), math::add(), &[qkv[0], biases])?;
+    let mut inputs = tvec![];
+    for (slot, &outlet) in q.inputs.iter().enumerate() {
+        inputs.push(if slot == 1 { weights } else { patch.tap_model(model, outlet)? });
+    }
+    let joined = |f: fn(&Projection) -> &[f32]| [&q, &k, &v].map(f).concat();
+    let biases = joined(|p| &p.bias);
+    let width = biases.len();
+    let qkv = patch.wire_node(format!("{}.projections", node.name), q.product.clone(), &inputs)?;
+    let qkv = if q.scale.is_some() {
+        let scale = joined(|p| p.scale.as_deref().unwrap_or_default());
+        let [scale, bias] =
+            [scale, biases].map(|v| Arc::new(tract_ndarray::Array1::from(v).into_tensor()));
+        let op = quantize::Dequantize { scale, bias };
+        patch.wire_node(format!("{}.dequantized", node.name), op, &qkv)?
+    } else {
+        let biases = patch.add_const(
+            format!("{}.biases", node.name),
+            Tensor::from_shape(&[1, width], &biases)?,
+        )?;
+        patch.wire_node(format!("{}.biased", node.name), math::add(), &[qkv[0], biases])?
+    };
     let joined = attention::Joined { shape: shape.into(), scale };
     let op = attention::Attention { bias: op.bias.clone(), joined: Some(joined) };
     let wire = patch.wire_node(&node.name, op, &qkv)?;
@@ -1085,12 +1103,17 @@ fn joined_projections(model: &TypedModel, id: usize) -> TractResult<Option<Typed
     Ok(Some(patch))
 }
 
-/// A projection of an activation read only on its way to `reader`: `input` times the constant
-/// `weights` [k, n] plus a constant `bias` of n values, maybe reshaped (heads apart).
+/// A projection of an activation read only on its way to `reader`: a product of the activation
+/// (`inputs[0]`) with constant weights [k, n] (`inputs[1]`; int8 products have their
+/// quantization's constants after them), then a bias of n values added (f32) or the i32 sums
+/// scaled and shifted (`quantize::Dequantize`), maybe reshaped (heads apart).
 struct Projection {
-    input: OutletId,
+    product: EinSum,
+    inputs: Vec<OutletId>,
     weights: Arc<Tensor>,
-    bias: Arc<Tensor>,
+    bias: Vec<f32>,
+    /// The int8 sums' scale, one per feature.
+    scale: Option<Vec<f32>>,
 }
 
 /// The projection that gives `outlet` to `reader`, if that is all it is.
@@ -1112,19 +1135,42 @@ fn projection(
         }
         node = reshaped;
     }
-    let Some((product, bias)) = with_constant::<Add>(model, node)? else { return Ok(None) };
+    let (product, bias, scale) = if let Some(op) = node.op_as::<quantize::Dequantize>() {
+        let scale = f32_values(&op.scale)?;
+        (node.inputs[0], f32_values(&op.bias)?, Some(scale))
+    } else if let Some((product, bias)) = with_constant::<Add>(model, node)? {
+        (product, f32_values(&bias)?, None)
+    } else {
+        return Ok(None);
+    };
     let product_node = model.node(product.node);
-    if !read_only_by(product_node, node.id) || !einsum_is(product_node, "mk,kn->mn") {
+    let Some(op) = product_node.op_as::<EinSum>() else { return Ok(None) };
+    // f32, or int8 with its quantization's 7 inputs.
+    let form = if scale.is_some() { "mk,kn,,,,,,,->mn" } else { "mk,kn->mn" };
+    let expression = |e: &str| e.replace(|c: char| c.is_alphabetic(), "x");
+    if !read_only_by(product_node, node.id)
+        || expression(&op.axes.to_string()) != expression(form)
+        || (scale.is_some() != op.q_params.is_some())
+    {
         return Ok(None);
     }
-    let [input, weights] = [product_node.inputs[0], product_node.inputs[1]];
-    let Some(weights) = model.outlet_fact(weights)?.konst.clone() else { return Ok(None) };
+    let Some(weights) = model.outlet_fact(product_node.inputs[1])?.konst.clone() else {
+        return Ok(None);
+    };
     let width = weights.shape().get(1).copied().unwrap_or(0);
-    let Some(bias) = per_feature(&bias, width)? else { return Ok(None) };
-    if weights.rank() != 2 || weights.datum_type() != DatumType::F32 {
+    if weights.rank() != 2
+        || bias.len() != width
+        || scale.as_ref().is_some_and(|s| s.len() != width)
+    {
         return Ok(None);
     }
-    Ok(Some(Projection { input, weights, bias }))
+    Ok(Some(Projection {
+        product: op.clone(),
+        inputs: product_node.inputs.clone(),
+        weights,
+        bias,
+        scale,
+    }))
 }
 
 /// Whether `node` is a plain f32 `EinSum` of the `expression` (axes named in any letters).

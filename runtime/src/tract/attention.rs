@@ -320,7 +320,7 @@ fn widest_attention(heads: Heads) {
 
 impl Op for Attention {
     fn name(&self) -> StaticName {
-        "Attention".into()
+        if self.joined.is_some() { "Attention(qkv)" } else { "Attention" }.into()
     }
     op_as_typed_op!();
 }
