@@ -470,5 +470,9 @@ fn the_shipped_f16_and_int8_files_are_the_default_model_and_stay_close_to_it() {
             let attention = ops.iter().filter(|(op, _)| op.starts_with("Attention"));
             assert_eq!(attention.collect::<Vec<_>>(), [&("Attention(qkv)".to_string(), 6)]);
         }
+        // With AVX512-VNNI kernels, int8 inputs are quantized straight into the kernels' panels.
+        let packed = net.plan_ops().iter().any(|(op, _)| op == "QuantizePacked");
+        let vnni = chardiff_runtime::tract::int8_dot_product() == Some("avx512vnni");
+        assert_eq!(packed, vnni && net.compute() == Precision::Int8, "{file}");
     }
 }

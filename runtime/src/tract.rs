@@ -21,10 +21,12 @@ use tract_nnef::tract_core::ops::change_axes::AxisOp;
 use tract_nnef::tract_core::ops::einsum::EinSum;
 use tract_nnef::tract_core::ops::element_wise::ElementWiseOp;
 use tract_nnef::tract_core::ops::math::{self, Add, Mul, Sub};
+use tract_nnef::tract_core::ops::matmul::pack::DynPackedExoticFact;
 use tract_nnef::tract_core::ops::nn::rms_norm::RmsNorm;
 use tract_nnef::tract_core::ops::nn::{Reduce, Reducer, Softmax, SoftmaxKind};
 use tract_nnef::tract_core::ops::quant::QuantizeLinearU8;
 use tract_nnef::tract_core::runtime::{Runnable, State};
+use tract_nnef::tract_core::tract_linalg::pack::PackedI8K4;
 
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
 pub const BATCH_SYMBOL: &str = "batch";
@@ -849,6 +851,57 @@ fn prepare_cpu(model: TypedModel) -> Result<Box<dyn Runnable>, LoadError> {
 pub fn optimized_for_cpu(model: TypedModel) -> TractResult<TypedModel> {
     let mut model = cpu_forms(model)?;
     model.optimize()?;
+    packed_quantization(model)
+}
+
+/// After tract's optimization: where an int8 product's input is quantized (`QuantizeU8`),
+/// shifted to i8 and packed for the kernel, one operator does the three
+/// (`quantize::QuantizePacked`).
+fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
+    let mut rewritten = false;
+    for id in 0..model.nodes().len() {
+        let pack = model.node(id);
+        let fact = model.outlet_fact(id.into())?;
+        let exotic = fact.exotic_fact().and_then(|f| f.downcast_ref::<DynPackedExoticFact>());
+        let Some(exotic) = exotic.filter(|_| pack.op.name() == "OptMatMulPack") else { continue };
+        let format = match &exotic.packers[..] {
+            [only] => only.downcast_ref::<PackedI8K4>().cloned(),
+            _ => None,
+        };
+        let offset = model.node(pack.inputs[0].node);
+        if offset.op.name() != "OffsetU8asI8" {
+            continue;
+        }
+        let quantize = model.node(offset.inputs[0].node);
+        let (Some(format), Some(q)) = (format, quantize.op_as::<quantize::QuantizeU8>()) else {
+            continue;
+        };
+        let read_only_by = |node: &TypedNode, reader: usize| {
+            only_reader(&model, node).map(|r| r.id) == Some(reader)
+        };
+        let input = model.outlet_fact(quantize.inputs[0])?.shape.as_concrete().map(|s| s.to_vec());
+        // [mn, k]: positions by features.
+        let oriented = input.as_deref().is_some_and(|s| {
+            matches!(*s, [mn, k] if mn != k && exotic.mn == mn.to_dim() && exotic.k == k.to_dim())
+        });
+        if !read_only_by(offset, id)
+            || !read_only_by(quantize, offset.id)
+            || !oriented
+        {
+            continue;
+        }
+        let op = quantize::QuantizePacked {
+            quantize: q.0.clone(),
+            format,
+            packers: exotic.packers.clone(),
+        };
+        let patch = TypedModelPatch::replace_single_op(&model, pack, &[quantize.inputs[0]], op)?;
+        patch.apply(&mut model)?;
+        rewritten = true;
+    }
+    if rewritten {
+        model = model.into_compact()?;
+    }
     Ok(model)
 }
 
