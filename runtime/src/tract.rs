@@ -860,6 +860,9 @@ pub fn optimized_for_cpu(model: TypedModel) -> TractResult<TypedModel> {
 fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
     let mut rewritten = false;
     for id in 0..model.nodes().len() {
+        let read_only_by = |node: &TypedNode, reader: usize| {
+            only_reader(&model, node).map(|r| r.id) == Some(reader)
+        };
         let pack = model.node(id);
         let fact = model.outlet_fact(id.into())?;
         let exotic = fact.exotic_fact().and_then(|f| f.downcast_ref::<DynPackedExoticFact>());
@@ -868,33 +871,34 @@ fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
             [only] => only.downcast_ref::<PackedI8K4>().cloned(),
             _ => None,
         };
-        let offset = model.node(pack.inputs[0].node);
-        if offset.op.name() != "OffsetU8asI8" {
+        // (Through the reshape that merges a per-head input's trailing axes into k.)
+        let mut offset = model.node(pack.inputs[0].node);
+        let mut reader = id;
+        if offset.op.name() == "IntoShape" && read_only_by(offset, id) {
+            reader = offset.id;
+            offset = model.node(offset.inputs[0].node);
+        }
+        if offset.op.name() != "OffsetU8asI8" || !read_only_by(offset, reader) {
             continue;
         }
         let quantize = model.node(offset.inputs[0].node);
         let (Some(format), Some(q)) = (format, quantize.op_as::<quantize::QuantizeU8>()) else {
             continue;
         };
-        let read_only_by = |node: &TypedNode, reader: usize| {
-            only_reader(&model, node).map(|r| r.id) == Some(reader)
-        };
+        // [mn, k] (positions by features), or [mn, ...] with the rest k.
         let input = model.outlet_fact(quantize.inputs[0])?.shape.as_concrete().map(|s| s.to_vec());
-        // [mn, k]: positions by features.
-        let oriented = input.as_deref().is_some_and(|s| {
-            matches!(*s, [mn, k] if mn != k && exotic.mn == mn.to_dim() && exotic.k == k.to_dim())
+        let oriented = input.as_deref().is_some_and(|s| match s {
+            [mn, rest @ ..] if !rest.is_empty() => {
+                let k = rest.iter().product::<usize>();
+                *mn != k && exotic.mn == mn.to_dim() && exotic.k == k.to_dim()
+            }
+            _ => false,
         });
-        if !read_only_by(offset, id)
-            || !read_only_by(quantize, offset.id)
-            || !oriented
-        {
+        if !read_only_by(quantize, offset.id) || !oriented {
             continue;
         }
-        let op = quantize::QuantizePacked {
-            quantize: q.0.clone(),
-            format,
-            packers: exotic.packers.clone(),
-        };
+        let packers = exotic.packers.clone();
+        let op = quantize::QuantizePacked { quantize: q.0.clone(), format, packers };
         let patch = TypedModelPatch::replace_single_op(&model, pack, &[quantize.inputs[0]], op)?;
         patch.apply(&mut model)?;
         rewritten = true;

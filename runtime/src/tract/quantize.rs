@@ -41,9 +41,9 @@ fn quantize(x: &[f32], y: &mut [u8], scale: f32, zero_point: f32) {
 /// `QuantizeU8` writing its bytes where tract's int8 kernels read them: shifted to i8 (tract's
 /// `OffsetU8asI8`) and packed into `PackedI8K4` panels (tract's `OptMatMulPack`), in one pass.
 /// tract's packer moves one byte at a time: 11 us for each [96, 512] input of the default
-/// model's MLP down projections, where quantizing the same takes ~1.5 us. The input [mn, k] f32;
-/// the output the packed value tract's products take (`packers`, from the replaced pack's
-/// output).
+/// model's MLP down projections, where quantizing the same takes ~1.5 us. The input f32 [mn, k]
+/// (or [mn, ...], the axes after the first k); the output the packed value tract's products take
+/// (`packers`, from the replaced pack's output).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantizePacked {
     pub quantize: QuantizeLinearU8,
@@ -88,7 +88,10 @@ impl EvalOp for QuantizePacked {
 
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let &[mn, k] = x.shape() else { bail!("QuantizePacked of {:?}", x.shape()) };
+        let Some((&mn, rest)) = x.shape().split_first() else {
+            bail!("QuantizePacked of a scalar")
+        };
+        let k = rest.iter().product();
         let r = self.format.r;
         let len = self.format.len(k, mn);
         // Safety: filled below where the rows leave gaps (a last group of fewer than 4 values, a
@@ -119,8 +122,9 @@ impl EvalOp for QuantizePacked {
 
 impl TypedOp for QuantizePacked {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs[0].datum_type == DatumType::F32 && inputs[0].rank() == 2);
-        let [mn, k] = [0, 1].map(|axis| inputs[0].shape[axis].clone());
+        ensure!(inputs[0].datum_type == DatumType::F32 && inputs[0].rank() >= 2);
+        let (mn, rest) = (inputs[0].shape[0].clone(), &inputs[0].shape[1..]);
+        let k = rest.iter().product::<TDim>();
         let exotic = DynPackedExoticFact { k, mn, packers: self.packers.clone() };
         Ok(tvec!(i8::fact::<[usize; 0]>([]).with_exotic_fact(exotic)))
     }
@@ -242,12 +246,18 @@ mod tests {
                 format: format.clone(),
                 packers: vec![Box::new(format)],
             };
-            let x = Tensor::from_shape(&[mn, k], &x)?.into_tvalue();
-            let found = op.eval(&EvalContext::out_of_plan(), tvec!(x))?.remove(0);
-            let found = found.try_storage_as::<PackedMatrixStorage>()?.value();
-            let found = found.downcast_ref::<EagerPackedInput>().context("eager")?;
-            assert_eq!(found.packed.as_bytes(), expected.packed.as_bytes(), "{mn} x {k}");
-            assert_eq!((found.panel_bytes, found.mn), (expected.panel_bytes, expected.mn));
+            // As [mn, k], and with k in two axes (a per-head input).
+            for shape in [vec![mn, k], vec![mn, 2, k / 2]]
+                .into_iter()
+                .filter(|s| s.iter().product::<usize>() == mn * k)
+            {
+                let x = Tensor::from_shape(&shape, &x)?.into_tvalue();
+                let found = op.eval(&EvalContext::out_of_plan(), tvec!(x))?.remove(0);
+                let found = found.try_storage_as::<PackedMatrixStorage>()?.value();
+                let found = found.downcast_ref::<EagerPackedInput>().context("eager")?;
+                assert_eq!(found.packed.as_bytes(), expected.packed.as_bytes(), "{shape:?}");
+                assert_eq!((found.panel_bytes, found.mn), (expected.panel_bytes, expected.mn));
+            }
         }
         Ok(())
     }
