@@ -6,9 +6,10 @@
 //! [32, 96] each, with the softmax between: ~35 us of products on panels of 96 x 96 scores, and
 //! ~20 us of packing their four inputs, three of them transposed. Here every input is read where
 //! it lies: a head's keys transposed once into a [32, 96] block, then for each few queries their
-//! scores (queries broadcast against rows of the transposed keys), the softmax of those rows
-//! (`softmax::softmax_rows`, bias and all), and their weighted sum of the values (probabilities
-//! broadcast against rows of values). Scores and probabilities never leave a few rows of L1.
+//! scores (queries broadcast against rows of the transposed keys, the bias added as they are
+//! stored), the exponentials of their softmax (`softmax::exponentials`), and their weighted sum
+//! of the values (exponentials broadcast against rows of values) divided by their sum. Scores
+//! and exponentials never leave a few rows of L1.
 //!
 //! The tiles keep their sums in registers: `ROWS` queries by two vectors of 16 lanes (32 keys
 //! or 32 of a head's features), 12 accumulators where a register holds 16 lanes (AVX-512), 6
@@ -275,16 +276,24 @@ fn attention<M: MulAdd, const ROWS: usize>(a: Heads) {
                     }
                 }
             }
-            softmax::softmax_rows(&mut scores[..rows * positions], positions, &[]);
+            // The softmax's exponentials; their sums divide the weighted sums of the values
+            // (32 values a row rather than 96 probabilities).
+            let exponentials = &mut scores[..rows * positions];
+            softmax::exponentials(exponentials, positions, &[]);
+            let mut sums = [1f32; ROWS];
+            for (sum, row) in sums.iter_mut().zip(exponentials.chunks_exact(positions)) {
+                *sum = lanes::sum(row, |x| x).recip();
+            }
             // (In a last block of fewer queries, the rows after them hold zeros or earlier
-            // probabilities, whose sums are not kept.)
-            let probabilities = (&scores[..], positions);
+            // exponentials, whose sums are not kept.)
+            let weights = (&scores[..], positions);
             for c in (0..features).step_by(TILE) {
                 let values = &v[h * features + c..];
-                let acc = tile_sums::<M, ROWS>(probabilities, values, input_row, positions);
-                for (r, acc) in acc.iter().enumerate().take(rows) {
+                let acc = tile_sums::<M, ROWS>(weights, values, input_row, positions);
+                for (r, (acc, scale)) in acc.iter().zip(sums).enumerate().take(rows) {
                     let at = (first + r) * row + h * features + c;
-                    out[at..at + TILE].copy_from_slice(acc.as_flattened());
+                    let out = out[at..at + TILE].iter_mut().zip(acc.as_flattened());
+                    out.for_each(|(y, x)| *y = x * scale);
                 }
             }
         }

@@ -32,10 +32,20 @@ fn exp_kernel() -> Option<&'static dyn ElementWise<f32>> {
 /// The softmax of each `row_len`-long row of `rows` plus `bias` (whole rows, repeated as often
 /// as it fits), in place.
 #[inline(always)]
-pub(super) fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
+fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
     if row_len == 0 {
         return;
     }
+    exponentials(rows, row_len, bias);
+    for row in rows.chunks_exact_mut(row_len) {
+        let scale = lanes::sum(row, |x| x).recip();
+        row.iter_mut().for_each(|x| *x *= scale);
+    }
+}
+
+/// The softmax of each row before its normalization: `exp(x + bias - max(x + bias))`, in place.
+#[inline(always)]
+pub(super) fn exponentials(rows: &mut [f32], row_len: usize, bias: &[f32]) {
     let mut bias_rows = bias.chunks_exact(row_len).cycle();
     for row in rows.chunks_exact_mut(row_len) {
         if let Some(bias) = bias_rows.next() {
@@ -48,10 +58,6 @@ pub(super) fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
     // answer, slower.
     if exp_kernel().is_none_or(|exp| exp.run(rows).is_err()) {
         rows.iter_mut().for_each(|x| *x = x.exp());
-    }
-    for row in rows.chunks_exact_mut(row_len) {
-        let scale = lanes::sum(row, |x| x).recip();
-        row.iter_mut().for_each(|x| *x *= scale);
     }
 }
 
