@@ -31,7 +31,7 @@ use tract_nnef::tract_core::tract_linalg::pack::PackedI8K4;
 /// The symbol of the batch axis in exported graphs (ONNX `dim_param`, NNEF `tract_symbol`).
 pub const BATCH_SYMBOL: &str = "batch";
 
-pub mod attention;
+mod attention;
 mod lanes;
 mod layer_norm;
 mod quantize;
@@ -1056,9 +1056,11 @@ fn own_softmax(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPa
 /// operator reads queries, keys and values where they lie and keeps a few rows of scores in L1.
 fn fused_attention(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
     // out[i, h, d] = sum_j p[h, i, j] v[j, h, d], p = softmax(s), s[h, i, j] = q[i, h] . k[j, h]
-    // (Where a graph has one head, tract's decluttering took the heads' axis away.)
+    // (out[h, i, d] as tract reads an NNEF file; where a graph has one head, tract's
+    // decluttering took the heads' axis away.)
     let node = model.node(id);
-    let heads_axis = einsum_is(node, "hij,jhd->ihd");
+    let heads_first = einsum_is(node, "hij,jhd->hid");
+    let heads_axis = heads_first || einsum_is(node, "hij,jhd->ihd");
     if !heads_axis && !einsum_is(node, "ij,jd->id") {
         return Ok(None);
     }
@@ -1084,8 +1086,8 @@ fn fused_attention(model: &TypedModel, id: usize) -> TractResult<Option<TypedMod
         (Some(bias), Some(&positions)) => attention::Bias::of(bias.clone(), positions)?,
         _ => attention::Bias::None,
     };
-    let op = attention::Attention { bias, joined: None };
-    if q_shape != k_shape || q_shape != v_shape || !op.fits(&q_shape) {
+    let op = attention::Attention { bias, joined: None, heads_first };
+    if q_shape != k_shape || q_shape != v_shape || !op.fits(&op.output_shape(&q_shape)) {
         return Ok(None);
     }
     let mut patch = TypedModelPatch::default();
@@ -1109,17 +1111,13 @@ fn joined_projections(model: &TypedModel, id: usize) -> TractResult<Option<Typed
     }
     let shape = model.outlet_fact(id.into())?.shape.as_concrete().map(|s| s.to_vec());
     let Some(shape) = shape else { return Ok(None) };
-    let scale_node = node.inputs[0].node;
-    let Some((queries, scale)) = (only_reader(model, model.node(scale_node)))
-        .and_then(|_| with_constant::<Mul>(model, model.node(scale_node)).ok().flatten())
-        .filter(|(_, scale)| scale.len() == 1)
-    else {
-        return Ok(None);
-    };
-    let readers = [(queries, scale_node), (node.inputs[1], id), (node.inputs[2], id)];
-    let projections =
-        readers.map(|(outlet, reader)| projection(model, outlet, reader).ok().flatten());
+    let projections = [0, 1, 2].map(|i| projection(model, node.inputs[i], id).ok().flatten());
     let [Some(q), Some(k), Some(v)] = projections else { return Ok(None) };
+    // The queries' scale (if any) moves into the operator.
+    if k.multiplier.is_some() || v.multiplier.is_some() {
+        return Ok(None);
+    }
+    let scale = q.multiplier.clone().unwrap_or_else(|| rctensor0(1f32));
     // The same product of the same activation (with the same quantization), weights apart.
     let others = |p: &Projection| (p.product.clone(), p.inputs[0], p.inputs[2..].to_vec());
     let dequantized = |p: &Projection| p.scale.is_some();
@@ -1154,7 +1152,7 @@ fn joined_projections(model: &TypedModel, id: usize) -> TractResult<Option<Typed
         patch.wire_node(format!("{}.biased", node.name), math::add(), &[qkv[0], biases])?
     };
     let joined = attention::Joined { shape: shape.into(), scale };
-    let op = attention::Attention { bias: op.bias.clone(), joined: Some(joined) };
+    let op = attention::Attention { joined: Some(joined), ..op.clone() };
     let wire = patch.wire_node(&node.name, op, &qkv)?;
     patch.shunt_outside(model, id.into(), wire[0])?;
     Ok(Some(patch))
@@ -1163,7 +1161,8 @@ fn joined_projections(model: &TypedModel, id: usize) -> TractResult<Option<Typed
 /// A projection of an activation read only on its way to `reader`: a product of the activation
 /// (`inputs[0]`) with constant weights [k, n] (`inputs[1]`; int8 products have their
 /// quantization's constants after them), then a bias of n values added (f32) or the i32 sums
-/// scaled and shifted (`quantize::Dequantize`), maybe reshaped (heads apart).
+/// scaled and shifted (`quantize::Dequantize`), maybe reshaped (heads apart) and multiplied by a
+/// scalar.
 struct Projection {
     product: EinSum,
     inputs: Vec<OutletId>,
@@ -1171,6 +1170,8 @@ struct Projection {
     bias: Vec<f32>,
     /// The int8 sums' scale, one per feature.
     scale: Option<Vec<f32>>,
+    /// A scalar the output is multiplied by (the queries' scale).
+    multiplier: Option<Arc<Tensor>>,
 }
 
 /// The projection that gives `outlet` to `reader`, if that is all it is.
@@ -1185,12 +1186,25 @@ fn projection(
     if !read_only_by(node, reader) {
         return Ok(None);
     }
-    if let Some(AxisOp::Reshape(..)) = node.op_as::<AxisOp>() {
-        let reshaped = model.node(node.inputs[0].node);
-        if !read_only_by(reshaped, node.id) {
+    // Through the reshape that splits the heads and a multiplication by a scalar, in either
+    // order.
+    let mut multiplier = None;
+    for _ in 0..2 {
+        let before = if let Some(AxisOp::Reshape(..)) = node.op_as::<AxisOp>() {
+            node.inputs[0]
+        } else if let Some((x, m)) =
+            with_constant::<Mul>(model, node)?.filter(|(_, m)| m.len() == 1)
+        {
+            multiplier = Some(m);
+            x
+        } else {
+            break;
+        };
+        let before = model.node(before.node);
+        if !read_only_by(before, node.id) {
             return Ok(None);
         }
-        node = reshaped;
+        node = before;
     }
     let (product, bias, scale) = if let Some(op) = node.op_as::<quantize::Dequantize>() {
         let scale = f32_values(&op.scale)?;
@@ -1221,13 +1235,8 @@ fn projection(
     {
         return Ok(None);
     }
-    Ok(Some(Projection {
-        product: op.clone(),
-        inputs: product_node.inputs.clone(),
-        weights,
-        bias,
-        scale,
-    }))
+    let (product, inputs) = (op.clone(), product_node.inputs.to_vec());
+    Ok(Some(Projection { product, inputs, weights, bias, scale, multiplier }))
 }
 
 /// Whether `node` is a plain f32 `EinSum` of the `expression` (axes named in any letters).

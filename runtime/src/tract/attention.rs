@@ -26,11 +26,13 @@ const TILE: usize = 2 * LANES;
 type Vector = [f32; LANES];
 
 /// `softmax(q k^T + bias) v` per head, for `q`, `k`, `v` of shape [positions, heads, features]
-/// or [positions, features] (one head; the queries already scaled), the output of the same shape.
+/// or [positions, features] (one head; the queries already scaled), the output of the same shape
+/// or, `heads_first`, [heads, positions, features] (as tract's NNEF reading lays it out).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Attention {
     pub bias: Bias,
     pub joined: Option<Joined>,
+    pub heads_first: bool,
 }
 
 /// The queries, keys and values as one input, their features side by side, [positions, 3 x
@@ -122,23 +124,34 @@ impl Bias {
 }
 
 impl Attention {
-    /// Whether the operator takes `q`, `k` and `v` of `shape` and its bias: a whole number of
-    /// values tiles per head.
+    /// Whether the operator gives an output of `shape` with its bias: a whole number of values
+    /// tiles per head.
     pub fn fits(&self, shape: &[usize]) -> bool {
-        let Some([positions, heads, features]) = Self::dims(shape) else { return false };
+        let Some([positions, heads, features]) = self.dims(shape) else { return false };
         positions > 0
             && features > 0
             && features.is_multiple_of(TILE)
             && self.bias.fits(heads, positions)
     }
 
-    /// Positions, heads and features of `shape`: [positions, heads, features], or [positions,
-    /// features] for one head.
-    fn dims(shape: &[usize]) -> Option<[usize; 3]> {
-        match *shape {
-            [positions, heads, features] => Some([positions, heads, features]),
-            [positions, features] => Some([positions, 1, features]),
+    /// Positions, heads and features of an output of `shape`.
+    fn dims(&self, shape: &[usize]) -> Option<[usize; 3]> {
+        match (self.heads_first, shape) {
+            (true, &[heads, positions, features]) | (false, &[positions, heads, features]) => {
+                Some([positions, heads, features])
+            }
+            (false, &[positions, features]) => Some([positions, 1, features]),
             _ => None,
+        }
+    }
+
+    /// The output's shape for queries of `shape`.
+    pub fn output_shape<D: Clone>(&self, queries: &[D]) -> TVec<D> {
+        match (self.heads_first, queries) {
+            (true, [positions, heads, features]) => {
+                tvec![heads.clone(), positions.clone(), features.clone()]
+            }
+            _ => queries.into(),
         }
     }
 }
@@ -213,7 +226,8 @@ fn tile_sums<M: MulAdd, const ROWS: usize>(
 }
 
 /// The operator's shapes and buffers, as slices: each position's queries, keys and values at
-/// the start of its row of `input_row` values of `q`, `k` and `v`.
+/// the start of its row of `input_row` values of `q`, `k` and `v`; position `i`'s output of head
+/// `h` at `i * out_strides.0 + h * out_strides.1`.
 struct Heads<'a> {
     q: &'a [f32],
     k: &'a [f32],
@@ -222,6 +236,7 @@ struct Heads<'a> {
     scale: f32,
     bias: (&'a Bias, &'a [f32]),
     out: &'a mut [f32],
+    out_strides: (usize, usize),
     positions: usize,
     heads: usize,
     features: usize,
@@ -230,8 +245,7 @@ struct Heads<'a> {
 /// The attention of every head, `ROWS` queries at a time.
 #[inline(always)]
 fn attention<M: MulAdd, const ROWS: usize>(a: Heads) {
-    let Heads { q, k, v, input_row, scale, bias, out, positions, heads, features } = a;
-    let row = heads * features;
+    let Heads { q, k, v, input_row, scale, bias, out, out_strides, positions, heads, features } = a;
     // The keys' side padded to whole tiles with zero keys, whose scores are never read.
     let stride = positions.div_ceil(TILE) * TILE;
     let mut kt = vec![0f32; features * stride];
@@ -291,7 +305,7 @@ fn attention<M: MulAdd, const ROWS: usize>(a: Heads) {
                 let values = &v[h * features + c..];
                 let acc = tile_sums::<M, ROWS>(weights, values, input_row, positions);
                 for (r, (acc, scale)) in acc.iter().zip(sums).enumerate().take(rows) {
-                    let at = (first + r) * row + h * features + c;
+                    let at = (first + r) * out_strides.0 + h * out_strides.1 + c;
                     let out = out[at..at + TILE].iter_mut().zip(acc.as_flattened());
                     out.for_each(|(y, x)| *y = x * scale);
                 }
@@ -340,10 +354,10 @@ impl EvalOp for Attention {
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let shape: TVec<usize> = match &self.joined {
             Some(joined) => joined.shape.clone(),
-            None => inputs[0].shape().into(),
+            None => self.output_shape(inputs[0].shape()),
         };
-        ensure!(self.fits(&shape), "attention of {shape:?}, bias {:?}", self.bias);
-        let [positions, heads, features] = Self::dims(&shape).context("fits")?;
+        ensure!(self.fits(&shape), "attention giving {shape:?}, bias {:?}", self.bias);
+        let [positions, heads, features] = self.dims(&shape).context("fits")?;
         let row = heads * features;
         let (scale, input_row, [q, k, v]) = match &self.joined {
             Some(joined) => {
@@ -353,7 +367,8 @@ impl EvalOp for Attention {
             }
             None => {
                 let (q, k, v) = args_3!(inputs);
-                ensure!(k.shape() == &*shape && v.shape() == &*shape, "{shape:?} {k:?} {v:?}");
+                ensure!(q.len() == positions * row, "queries {:?} for {shape:?}", q.shape());
+                ensure!(k.shape() == q.shape() && v.shape() == q.shape(), "{q:?} {k:?} {v:?}");
                 (1.0, row, [q, k, v])
             }
         };
@@ -363,6 +378,8 @@ impl EvalOp for Attention {
         let (q, k, v) = (q.try_as_plain_ram()?, k.try_as_plain_ram()?, v.try_as_plain_ram()?);
         // Joined, the keys and values start a head's features after the queries.
         let offsets = if self.joined.is_some() { [0, row, 2 * row] } else { [0; 3] };
+        let out_strides =
+            if self.heads_first { (features, positions * features) } else { (row, features) };
         let mut out_view = out.try_as_plain_ram_mut()?;
         widest_attention(Heads {
             q: &q.as_slice()?[offsets[0]..],
@@ -373,6 +390,7 @@ impl EvalOp for Attention {
             bias: (&self.bias, bias),
             // Safety: `attention` writes every element.
             out: out_view.as_slice_mut()?,
+            out_strides,
             positions,
             heads,
             features,
@@ -386,7 +404,7 @@ impl TypedOp for Attention {
         ensure!(inputs.iter().all(|fact| fact.datum_type == DatumType::F32));
         Ok(tvec!(match &self.joined {
             Some(joined) => f32::fact(&*joined.shape),
-            None => f32::fact(inputs[0].shape.clone()),
+            None => f32::fact(self.output_shape(&inputs[0].shape)),
         }))
     }
     as_op!();
@@ -470,12 +488,24 @@ mod tests {
             // The relative biases are read by offsets, the others by rows.
             let offsets = matches!(bias, Bias::Offsets(_));
             assert_eq!(offsets, [96, 13].contains(&shape[0]), "{shape:?}: {bias:?}");
-            let op = Attention { bias, joined: None };
+            let op = Attention { bias, joined: None, heads_first: false };
             assert!(op.fits(&shape));
             let tensor = |x: &[f32]| Tensor::from_shape(&shape, x).map(|t| t.into_tvalue());
             let inputs = tvec!(tensor(&q)?, tensor(&k)?, tensor(&v)?);
             let found = op.eval(&EvalContext::out_of_plan(), inputs)?.remove(0);
             let found = found.try_as_plain_ram()?;
+            // Heads first: the same values, [heads, positions, features].
+            let heads_first = Attention { heads_first: true, ..op.clone() };
+            let inputs = tvec!(tensor(&q)?, tensor(&k)?, tensor(&v)?);
+            let by_heads = heads_first.eval(&EvalContext::out_of_plan(), inputs)?.remove(0);
+            let [s, h, d] = shape;
+            assert_eq!(by_heads.shape(), [h, s, d]);
+            let by_heads = by_heads.try_as_plain_ram()?;
+            let by_heads = by_heads.as_slice::<f32>()?;
+            // Element n of [s, h, d] is at position n / (h d), head n / d % h, feature n % d.
+            let by_heads: Vec<f32> = (0..s * h * d)
+                .map(|n| by_heads[(n / d % h * s + n / (h * d)) * d + n % d])
+                .collect();
             // And each build's tiles, whatever this CPU has.
             let bias_tensor = op.bias.tensor().map(|b| b.try_as_plain_ram()).transpose()?;
             let bias_values = match &bias_tensor {
@@ -487,8 +517,20 @@ mod tests {
                 let [positions, heads, features] = shape;
                 let (q, k, v, bias) = (&q[..], &k[..], &v[..], (&op.bias, bias_values));
                 let (input_row, scale) = (heads * features, 1.0);
-                let heads =
-                    Heads { q, k, v, input_row, scale, bias, out, positions, heads, features };
+                let out_strides = (heads * features, features);
+                let heads = Heads {
+                    q,
+                    k,
+                    v,
+                    input_row,
+                    scale,
+                    bias,
+                    out,
+                    out_strides,
+                    positions,
+                    heads,
+                    features,
+                };
                 match build {
                     0 => attention::<Separate, 1>(heads),
                     _ => attention::<Fused, 3>(heads),
@@ -507,7 +549,8 @@ mod tests {
             let qkv = Tensor::from_shape(&[shape[0], 3 * row], &qkv)?.into_tvalue();
             let joined = op.eval(&EvalContext::out_of_plan(), tvec!(qkv))?.remove(0);
             let joined = joined.try_as_plain_ram()?;
-            let builds = [found.as_slice::<f32>()?, &builds[0], &builds[1], joined.as_slice()?];
+            let builds =
+                [found.as_slice::<f32>()?, &builds[0], &builds[1], joined.as_slice()?, &by_heads];
             for found in builds {
                 for (e, f) in expected.iter().zip(found) {
                     assert!((e - f).abs() < 1e-6, "{shape:?}: {e} vs {f}");
@@ -520,7 +563,9 @@ mod tests {
     #[test]
     fn fits_whole_values_tiles() -> TractResult<()> {
         let rows = |shape: &[usize]| Bias::Rows(Arc::new(Tensor::zero::<f32>(shape).unwrap()));
-        let fits = |bias, shape: &[usize]| Attention { bias, joined: None }.fits(shape);
+        let fits = |bias, shape: &[usize]| {
+            Attention { bias, joined: None, heads_first: false }.fits(shape)
+        };
         assert!(fits(rows(&[4, 96, 96]), &[96, 4, 32]));
         assert!(fits(rows(&[1, 96]), &[96, 4, 32]), "one bias row for all");
         assert!(!fits(Bias::None, &[96, 4, 24]), "features not a multiple of 32");
