@@ -2042,9 +2042,7 @@ mod tests {
 
         let (expected, found) = (run(graph()?.into_decluttered()?)?, run(rewritten)?);
         for (i, (e, f)) in expected.iter().zip(&found).enumerate() {
-            let (e, f) = (e.to_plain_array_view::<f32>()?, f.to_plain_array_view::<f32>()?);
-            assert_eq!(e.shape(), f.shape(), "output {i}");
-            let worst = e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(0.0, f32::max);
+            let worst = max_difference(e, f)?;
             // The subtractions and the transposed MLP are exact; the folded bias, the sum, the
             // LayerNorm and the softmax are rounded otherwise.
             let limit = if [0, 3, 6, 8].contains(&i) { 0.0 } else { 1e-5 };
@@ -2106,12 +2104,16 @@ mod tests {
         let x = tvec!(x.into_tensor().into_tvalue());
         let expected = attention_block()?.into_decluttered()?.into_runnable()?.run(x.clone())?;
         let found = rewritten.into_runnable()?.run(x)?;
-        let (e, f) =
-            (expected[0].to_plain_array_view::<f32>()?, found[0].to_plain_array_view::<f32>()?);
-        assert_eq!(e.shape(), f.shape());
-        let worst = e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(0.0, f32::max);
+        let worst = max_difference(&expected[0], &found[0])?;
         assert!(worst <= 1e-5, "{worst}");
         Ok(())
+    }
+
+    /// The largest difference between two f32 tensors of the same shape.
+    fn max_difference(expected: &TValue, found: &TValue) -> TractResult<f32> {
+        let (e, f) = (expected.to_plain_array_view::<f32>()?, found.to_plain_array_view::<f32>()?);
+        assert_eq!(e.shape(), f.shape());
+        Ok(e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(0.0, f32::max))
     }
 
     /// The input stage as tract splits it: one product per input, summed, plus a bias.
@@ -2145,10 +2147,7 @@ mod tests {
         let inputs = tvec!(x.into_tensor().into_tvalue(), mask.into_tensor().into_tvalue());
         let expected = build()?.into_decluttered()?.into_runnable()?.run(inputs.clone())?;
         let found = rewritten.into_runnable()?.run(inputs)?;
-        let (e, f) =
-            (expected[0].to_plain_array_view::<f32>()?, found[0].to_plain_array_view::<f32>()?);
-        assert_eq!(e.shape(), f.shape());
-        let worst = e.iter().zip(f.iter()).map(|(e, f)| (e - f).abs()).fold(0.0, f32::max);
+        let worst = max_difference(&expected[0], &found[0])?;
         assert!(worst <= 1e-6, "{worst}");
         Ok(())
     }
