@@ -861,9 +861,6 @@ pub fn optimized_for_cpu(model: TypedModel) -> TractResult<TypedModel> {
 fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
     let mut rewritten = false;
     for id in 0..model.nodes().len() {
-        let read_only_by = |node: &TypedNode, reader: usize| {
-            only_reader(&model, node).map(|r| r.id) == Some(reader)
-        };
         let pack = model.node(id);
         let fact = model.outlet_fact(id.into())?;
         let exotic = fact.exotic_fact().and_then(|f| f.downcast_ref::<DynPackedExoticFact>());
@@ -875,11 +872,11 @@ fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
         // (Through the reshape that merges a per-head input's trailing axes into k.)
         let mut offset = model.node(pack.inputs[0].node);
         let mut reader = id;
-        if offset.op.name() == "IntoShape" && read_only_by(offset, id) {
+        if offset.op.name() == "IntoShape" && only_read_by(&model, offset, id) {
             reader = offset.id;
             offset = model.node(offset.inputs[0].node);
         }
-        if offset.op.name() != "OffsetU8asI8" || !read_only_by(offset, reader) {
+        if offset.op.name() != "OffsetU8asI8" || !only_read_by(&model, offset, reader) {
             continue;
         }
         let quantize = model.node(offset.inputs[0].node);
@@ -895,7 +892,7 @@ fn packed_quantization(mut model: TypedModel) -> TractResult<TypedModel> {
             }
             _ => false,
         });
-        if !read_only_by(quantize, offset.id) || !oriented {
+        if !only_read_by(&model, quantize, offset.id) || !oriented {
             continue;
         }
         let packers = exotic.packers.clone();
@@ -966,6 +963,11 @@ fn only_reader<'m>(model: &'m TypedModel, node: &TypedNode) -> Option<&'m TypedN
         },
         _ => None,
     }
+}
+
+/// Whether `reader` is the only reader of `node`'s output.
+fn only_read_by(model: &TypedModel, node: &TypedNode, reader: usize) -> bool {
+    only_reader(model, node).map(|r| r.id) == Some(reader)
 }
 
 /// The activation and the constant that `node` combines with the binary operator `Op`, in
@@ -1069,12 +1071,10 @@ fn fused_attention(model: &TypedModel, id: usize) -> TractResult<Option<TypedMod
     let probabilities = model.node(node.inputs[0].node);
     let Some(softmax) = probabilities.op_as::<softmax::RowSoftmax>() else { return Ok(None) };
     let scores = model.node(probabilities.inputs[0].node);
-    let only_read_by =
-        |n: &TypedNode, reader: usize| only_reader(model, n).map(|r| r.id) == Some(reader);
     let scores_expression = if heads_axis { "ihd,jhd->hij" } else { "id,jd->ij" };
     if !einsum_is(scores, scores_expression)
-        || !only_read_by(scores, probabilities.id)
-        || !only_read_by(probabilities, id)
+        || !only_read_by(model, scores, probabilities.id)
+        || !only_read_by(model, probabilities, id)
     {
         return Ok(None);
     }
@@ -1119,7 +1119,7 @@ fn joined_inputs(model: &TypedModel, id: usize) -> TractResult<Option<TypedModel
             let term = model.node(input.node);
             if model.outlet_fact(input)?.konst.is_some() {
                 constants.push(input);
-            } else if only_reader(model, term).map(|r| r.id) != Some(sum.id) {
+            } else if !only_read_by(model, term, sum.id) {
                 return Ok(None);
             } else if is_sum(term) {
                 sums.push(term);
@@ -1262,9 +1262,7 @@ fn projection(
     reader: usize,
 ) -> TractResult<Option<Projection>> {
     let mut node = model.node(outlet.node);
-    let read_only_by =
-        |node: &TypedNode, reader: usize| only_reader(model, node).map(|r| r.id) == Some(reader);
-    if !read_only_by(node, reader) {
+    if !only_read_by(model, node, reader) {
         return Ok(None);
     }
     // Through the reshape that splits the heads and a multiplication by a scalar, in either
@@ -1282,7 +1280,7 @@ fn projection(
             break;
         };
         let before = model.node(before.node);
-        if !read_only_by(before, node.id) {
+        if !only_read_by(model, before, node.id) {
             return Ok(None);
         }
         node = before;
@@ -1300,7 +1298,7 @@ fn projection(
     // f32, or int8 with its quantization's 7 inputs.
     let form = if scale.is_some() { "mk,kn,,,,,,,->mn" } else { "mk,kn->mn" };
     let expression = |e: &str| e.replace(|c: char| c.is_alphabetic(), "x");
-    if !read_only_by(product_node, node.id)
+    if !only_read_by(model, product_node, node.id)
         || expression(&op.axes.to_string()) != expression(form)
         || (scale.is_some() != op.q_params.is_some())
     {

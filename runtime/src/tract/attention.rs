@@ -11,9 +11,9 @@
 //! of the values (exponentials broadcast against rows of values) divided by their sum. Scores
 //! and exponentials never leave a few rows of L1.
 //!
-//! The tiles keep their sums in registers: `ROWS` queries by two vectors of 16 lanes (32 keys
-//! or 32 of a head's features), 12 accumulators where a register holds 16 lanes (AVX-512), 6
-//! rows of 32 where it holds 8 (AVX2: 3 rows). Each sum runs over its terms in order, as a
+//! The tiles keep their sums in registers: `ROWS` queries by 32 keys (scores) or by 32 of a
+//! head's features (values), two vectors of 16 lanes each: 6 queries, 12 registers, with AVX-512;
+//! 3 queries, 12 registers of 8 lanes, with AVX2. Each sum runs over its terms in order, as a
 //! product would; the results differ from tract's in the last bits.
 
 use super::{lanes, softmax};

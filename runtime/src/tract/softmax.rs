@@ -46,6 +46,9 @@ fn softmax_rows(rows: &mut [f32], row_len: usize, bias: &[f32]) {
 /// The softmax of each row before its normalization: `exp(x + bias - max(x + bias))`, in place.
 #[inline(always)]
 pub(super) fn exponentials(rows: &mut [f32], row_len: usize, bias: &[f32]) {
+    if row_len == 0 {
+        return;
+    }
     let mut bias_rows = bias.chunks_exact(row_len).cycle();
     for row in rows.chunks_exact_mut(row_len) {
         if let Some(bias) = bias_rows.next() {
