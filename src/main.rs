@@ -277,7 +277,7 @@ struct SamplingFlags {
     /// weights on a CPU with native fp16 (aarch64 FEAT_FP16), where tract has fp16 kernels;
     /// elsewhere, and for int8 files everywhere, f32 from the weights widened at load: closest to
     /// the f32 model, and tract's CUDA products take no int8. int8 runs the int8 products: faster
-    /// than f32 with int8 dot products (VNNI, dotprod; 0.63x on an AMD Zen 5), tens of times
+    /// than f32 with int8 dot products (VNNI, dotprod; 0.52x on an AMD Zen 5), tens of times
     /// slower without].
     #[arg(long, value_parser = enum_arg::<Precision>)]
     compute: Option<Precision>,
@@ -380,7 +380,7 @@ impl SamplingFlags {
                     Some(kernels) => (
                         false,
                         format!(
-                            ": int8 matrix products on {kernels} kernels (0.63x the f32 step \
+                            ": int8 matrix products on {kernels} kernels (0.52x the f32 step \
                              on the AMD Zen 5 measured); the activations are quantized, so x0 \
                              moves further from the f32 model's than with the widened weights"
                         ),
