@@ -244,9 +244,9 @@ pub fn int8_dot_product() -> Option<&'static str> {
 /// elsewhere). int8 files compute in f32 from their weights widened once at load: the closest to
 /// the f32 model (the default model's x0 moves by 0.07 at most, by 0.40 with int8 products), on
 /// any CPU and on a GPU (tract's CUDA products take f32 and f16 only). Asked for, they run in
-/// int8: with the CPU plans' vectorized quantization, 0.63-0.64x the f32 step on the one VNNI
-/// CPU measured since (1.0-1.6x before, on two; BENCHMARKS.md), tens of times slower where the
-/// CPU has no int8 dot products.
+/// int8: with the CPU plans' vectorized quantization and row-stored products, 0.51-0.53x the f32
+/// step on the one VNNI CPU measured since (1.0-1.6x before, on two; BENCHMARKS.md), tens of
+/// times slower where the CPU has no int8 dot products.
 pub fn arithmetic(stored: Precision, asked: Option<Precision>) -> Result<Precision, LoadError> {
     match (asked, stored) {
         (Some(Precision::Int8), Precision::F32 | Precision::F16) => {
